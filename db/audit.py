@@ -1,0 +1,90 @@
+"""The append-only audit log: a closed vocabulary of events.
+
+Every state change of a study commits together with its audit row (same session, same
+transaction). Rows are only ever inserted, never updated or deleted.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from db.models import AuditEvent, Study, utcnow
+
+
+class AuditEventType(enum.StrEnum):
+    """Closed vocabulary of audit events."""
+
+    DAEMON_STARTED = "DAEMON_STARTED"
+    DAEMON_STOPPED = "DAEMON_STOPPED"
+    ASSOCIATION_REJECTED = "ASSOCIATION_REJECTED"
+    INSTANCE_RECEIVED = "INSTANCE_RECEIVED"
+    INSTANCE_DUPLICATE = "INSTANCE_DUPLICATE"
+    INSTANCE_REJECTED = "INSTANCE_REJECTED"
+    INSTANCE_QUARANTINED = "INSTANCE_QUARANTINED"
+    STUDY_READY = "STUDY_READY"
+    STUDY_REOPENED = "STUDY_REOPENED"
+    STUDY_CLAIMED = "STUDY_CLAIMED"
+    LEASE_EXPIRED = "LEASE_EXPIRED"
+    PROCESSING_RETRY = "PROCESSING_RETRY"
+    IMAGES_SELECTED = "IMAGES_SELECTED"
+    STUDY_CLASSIFIED = "STUDY_CLASSIFIED"
+    STUDY_NOT_APPLICABLE = "STUDY_NOT_APPLICABLE"
+    STUDY_FAILED = "STUDY_FAILED"
+    RESULT_SUPERSEDED = "RESULT_SUPERSEDED"
+    DELIVERY_QUEUED = "DELIVERY_QUEUED"
+    DELIVERY_ATTEMPT_FAILED = "DELIVERY_ATTEMPT_FAILED"
+    DELIVERY_SENT = "DELIVERY_SENT"
+    DELIVERY_DEAD = "DELIVERY_DEAD"
+    DELIVERY_RETRIED = "DELIVERY_RETRIED"
+    STUDY_DONE = "STUDY_DONE"
+    STUDY_REPROCESS_REQUESTED = "STUDY_REPROCESS_REQUESTED"
+
+
+def audit(
+    session: Session,
+    event_type: AuditEventType,
+    *,
+    actor: str,
+    study: Study | None = None,
+    study_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    detail: dict[str, Any] | None = None,
+    at: datetime | None = None,
+) -> AuditEvent:
+    """Add an audit row to ``session`` (the caller commits it with the change it describes).
+
+    Parameters
+    ----------
+    session
+        The open session whose transaction also carries the change being audited.
+    event_type
+        What happened, from the closed vocabulary.
+    actor
+        Who did it: ``"scp:<calling AE>@<host>"``, ``"worker:<id>"``, ``"scheduler"``, ``"cli"``.
+    study
+        The study concerned, if any.
+    study_instance_uid, sop_instance_uid
+        UIDs concerned (the study UID is taken from ``study`` when not given).
+    detail
+        JSON-serialisable details (no patient names or IDs).
+    at
+        Time of the event; now (UTC) by default.
+    """
+    row = AuditEvent(
+        at=at or utcnow(),
+        event_type=event_type.value,
+        actor=actor,
+        study_id=study.id if study is not None else None,
+        study_instance_uid=study_instance_uid
+        or (study.study_instance_uid if study is not None else None),
+        sop_instance_uid=sop_instance_uid,
+        detail=detail or {},
+    )
+    if study is not None and study.id is None:
+        row.study = study
+    session.add(row)
+    return row

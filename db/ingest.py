@@ -1,0 +1,175 @@
+"""Recording received instances: one transaction per instance, before the C-STORE is answered."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.audit import AuditEventType, audit
+from db.models import Instance, Study, utcnow
+from db.states import StudyEvent, StudyState, next_state
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    """What the listener knows about an instance it has written to the spool."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str | None
+    patient_id: str | None
+    calling_ae: str
+    peer_host: str | None
+    path: str
+    size_bytes: int
+    transfer_syntax_uid: str | None
+
+
+@dataclass(frozen=True)
+class PatientIdPolicy:
+    """How patient identifiers are stored: keyed hash (default) or clear text."""
+
+    key: bytes
+    store_clear: bool = False
+
+    def key_for(self, patient_id: str | None) -> str | None:
+        """Return the value stored for ``patient_id`` (HMAC-SHA256 hex unless clear text)."""
+        if not patient_id:
+            return None
+        if self.store_clear:
+            return patient_id
+        return hmac.new(self.key, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def record_instance(
+    sessions: sessionmaker[Session],
+    item: NewInstance,
+    policy: PatientIdPolicy,
+    *,
+    now: datetime | None = None,
+) -> bool:
+    """Commit the row for a received instance, creating or re-opening its study.
+
+    The study's state change (``INSTANCE_RECEIVED``) and the audit row commit in the same
+    transaction as the instance row. A SOP instance already known is not stored twice: its
+    duplicate counter goes up and an ``INSTANCE_DUPLICATE`` audit row is written.
+
+    Parameters
+    ----------
+    sessions
+        Session factory of the radflag database.
+    item
+        The instance, already durable in the spool.
+    policy
+        How to store the patient identifier.
+    now
+        The receive time (UTC now by default).
+
+    Returns
+    -------
+    bool
+        True for a new instance, False for a duplicate.
+    """
+    when = now or utcnow()
+    for attempt in range(3):
+        try:
+            with sessions.begin() as session:
+                return _record(session, item, policy, when)
+        except IntegrityError:
+            # Two associations raced on the same new study or instance: retry once the winner
+            # has committed; the second pass sees its rows.
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _record(session: Session, item: NewInstance, policy: PatientIdPolicy, when: datetime) -> bool:
+    actor = f"scp:{item.calling_ae}@{item.peer_host or '?'}"
+    existing = session.scalars(
+        select(Instance).where(Instance.sop_instance_uid == item.sop_instance_uid)
+    ).first()
+    if existing is not None:
+        existing.duplicate_count += 1
+        audit(
+            session,
+            AuditEventType.INSTANCE_DUPLICATE,
+            actor=actor,
+            study_instance_uid=item.study_instance_uid,
+            sop_instance_uid=item.sop_instance_uid,
+            detail={"duplicate_count": existing.duplicate_count},
+        )
+        return False
+
+    study = session.scalars(
+        select(Study).where(Study.study_instance_uid == item.study_instance_uid)
+    ).first()
+    if study is None:
+        study = Study(
+            study_instance_uid=item.study_instance_uid,
+            state=StudyState.RECEIVING.value,
+            patient_key=policy.key_for(item.patient_id),
+            calling_ae=item.calling_ae,
+            first_received_at=when,
+            last_received_at=when,
+            processing_attempts=0,
+            updated_at=when,
+        )
+        session.add(study)
+        session.flush()
+    else:
+        previous = StudyState(study.state)
+        study.state = next_state(previous, StudyEvent.INSTANCE_RECEIVED).value
+        study.last_received_at = when
+        study.updated_at = when
+        if previous is not StudyState.RECEIVING:
+            study.lease_owner = None
+            study.lease_expires_at = None
+            study.ready_at = None
+            audit(
+                session,
+                AuditEventType.STUDY_REOPENED,
+                actor=actor,
+                study=study,
+                at=when,
+                detail={"from_state": previous.value},
+            )
+    session.add(
+        Instance(
+            study_id=study.id,
+            sop_instance_uid=item.sop_instance_uid,
+            sop_class_uid=item.sop_class_uid,
+            series_instance_uid=item.series_instance_uid,
+            modality=item.modality,
+            transfer_syntax_uid=item.transfer_syntax_uid,
+            path=item.path,
+            size_bytes=item.size_bytes,
+            calling_ae=item.calling_ae,
+            peer_host=item.peer_host,
+            received_at=when,
+            duplicate_count=0,
+            quarantined=False,
+        )
+    )
+    audit(
+        session,
+        AuditEventType.INSTANCE_RECEIVED,
+        actor=actor,
+        study=study,
+        sop_instance_uid=item.sop_instance_uid,
+        at=when,
+        detail={
+            "sop_class_uid": item.sop_class_uid,
+            "modality": item.modality,
+            "size_bytes": item.size_bytes,
+            "transfer_syntax_uid": item.transfer_syntax_uid,
+        },
+    )
+    return True

@@ -1,0 +1,203 @@
+"""Recording a study's classification results and queueing their delivery (one transaction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.audit import AuditEventType, audit
+from db.models import Delivery, Result, utcnow
+from db.outbox import DeliveryState
+from db.queue import ClaimedStudy, load_leased, release_lease, transition
+from db.states import StudyEvent
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """One model's conclusion on a study, ready to be stored."""
+
+    model_name: str
+    model_version: str
+    weights_sha256: str
+    finding_code: str
+    finding_meaning: str
+    probability: float
+    positive: bool
+    threshold: float
+    images: dict[str, float]
+    timings_ms: dict[str, float]
+    device: str
+    sr_series_instance_uid: str | None = None
+    sr_sop_instance_uid: str | None = None
+    outputs: tuple[OutputRecord, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    """A result object (SR, SC) written to the spool, to deliver to one destination."""
+
+    destination: str
+    ae_title: str
+    host: str
+    port: int
+    kind: str
+    sop_instance_uid: str
+    payload_path: str
+
+
+def record_classification(
+    sessions: sessionmaker[Session],
+    claim: ClaimedStudy,
+    records: list[ResultRecord],
+    *,
+    urgent_threshold: float | None = None,
+    selection: dict[str, Any] | None = None,
+) -> bool:
+    """Store results, queue deliveries and move the study on, in one transaction.
+
+    Earlier results of the study are marked superseded and their undelivered outbox entries
+    cancelled: the new result objects carry the same deterministic UIDs and replace them.
+
+    Returns
+    -------
+    bool
+        True when there is something to deliver (the study is DELIVERING), False when the study
+        went straight to DONE (no destinations configured).
+
+    Raises
+    ------
+    db.queue.LeaseLost
+        When the worker no longer holds the study (its results are discarded by the caller).
+    """
+    now = utcnow()
+    actor = f"worker:{claim.lease_owner}"
+    with sessions.begin() as session:
+        study = load_leased(session, claim)
+        superseded = session.scalars(
+            select(Result).where(Result.study_id == study.id, Result.superseded.is_(False))
+        ).all()
+        for old in superseded:
+            old.superseded = True
+            audit(
+                session,
+                AuditEventType.RESULT_SUPERSEDED,
+                actor=actor,
+                study=study,
+                at=now,
+                detail={"result_id": old.id, "model": old.model_name, "version": old.model_version},
+            )
+        session.execute(
+            update(Delivery)
+            .where(Delivery.study_id == study.id, Delivery.state == DeliveryState.PENDING.value)
+            .values(state=DeliveryState.CANCELLED.value, last_error="superseded by a newer result")
+        )
+        if selection is not None:
+            audit(
+                session,
+                AuditEventType.IMAGES_SELECTED,
+                actor=actor,
+                study=study,
+                at=now,
+                detail=selection,
+            )
+        n_outputs = 0
+        max_probability = 0.0
+        for rec in records:
+            row = Result(
+                study_id=study.id,
+                model_name=rec.model_name,
+                model_version=rec.model_version,
+                weights_sha256=rec.weights_sha256,
+                finding_code=rec.finding_code,
+                finding_meaning=rec.finding_meaning,
+                probability=rec.probability,
+                positive=rec.positive,
+                threshold=rec.threshold,
+                n_images=len(rec.images),
+                images=dict(rec.images),
+                timings_ms=dict(rec.timings_ms),
+                device=rec.device,
+                sr_series_instance_uid=rec.sr_series_instance_uid,
+                sr_sop_instance_uid=rec.sr_sop_instance_uid,
+                superseded=False,
+                created_at=now,
+            )
+            session.add(row)
+            session.flush()
+            max_probability = max(max_probability, rec.probability)
+            for out in rec.outputs:
+                session.add(
+                    Delivery(
+                        study_id=study.id,
+                        result_id=row.id,
+                        destination=out.destination,
+                        ae_title=out.ae_title,
+                        host=out.host,
+                        port=out.port,
+                        kind=out.kind,
+                        sop_instance_uid=out.sop_instance_uid,
+                        payload_path=out.payload_path,
+                        state=DeliveryState.PENDING.value,
+                        attempts=0,
+                        next_attempt_at=now,
+                        created_at=now,
+                    )
+                )
+                audit(
+                    session,
+                    AuditEventType.DELIVERY_QUEUED,
+                    actor=actor,
+                    study=study,
+                    sop_instance_uid=out.sop_instance_uid,
+                    at=now,
+                    detail={"destination": out.destination, "kind": out.kind},
+                )
+                n_outputs += 1
+        study.max_probability = max_probability
+        study.urgent = (
+            any(r.positive for r in records)
+            if urgent_threshold is None
+            else (max_probability >= urgent_threshold)
+        )
+        study.classified_at = now
+        study.failure_reason = None
+        release_lease(study)
+        transition(
+            session,
+            study,
+            StudyEvent.CLASSIFIED,
+            audit_type=AuditEventType.STUDY_CLASSIFIED,
+            actor=actor,
+            now=now,
+            detail={
+                "results": [
+                    {
+                        "model": r.model_name,
+                        "version": r.model_version,
+                        "weights_sha256": r.weights_sha256,
+                        "finding": r.finding_code,
+                        "probability": round(r.probability, 6),
+                        "positive": r.positive,
+                        "n_images": len(r.images),
+                    }
+                    for r in records
+                ],
+                "outputs": n_outputs,
+            },
+        )
+        if n_outputs == 0:
+            study.finished_at = now
+            transition(
+                session,
+                study,
+                StudyEvent.ALL_DELIVERED,
+                audit_type=AuditEventType.STUDY_DONE,
+                actor=actor,
+                now=now,
+                detail={"destinations": 0},
+            )
+            return False
+        return True
