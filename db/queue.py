@@ -219,17 +219,30 @@ def finish_failed(
     claim: ClaimedStudy,
     reason: str,
     *,
-    quarantined_instance_ids: tuple[int, ...] = (),
+    quarantined: dict[int, str] | None = None,
     detail: dict[str, Any] | None = None,
 ) -> None:
-    """Record a permanent processing failure with its reason (no result is sent)."""
+    """Record a permanent processing failure with its reason (no result is sent).
+
+    ``quarantined`` maps instance ids to the path their file was moved to.
+    """
     now = utcnow()
     with sessions.begin() as session:
         study = load_leased(session, claim)
-        for instance_id in quarantined_instance_ids:
+        for instance_id, new_path in (quarantined or {}).items():
             instance = session.get(Instance, instance_id)
             if instance is not None:
                 instance.quarantined = True
+                instance.path = new_path
+                audit(
+                    session,
+                    AuditEventType.INSTANCE_QUARANTINED,
+                    actor=f"worker:{claim.lease_owner}",
+                    study=study,
+                    sop_instance_uid=instance.sop_instance_uid,
+                    at=now,
+                    detail={"path": new_path, "reason": (detail or {}).get("reason") or reason},
+                )
         release_lease(study)
         study.failure_reason = reason
         study.finished_at = now

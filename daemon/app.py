@@ -1,0 +1,232 @@
+"""Process lifecycle: wire the database, models, listener, scheduler and worker together.
+
+Start order: database schema check -> models loaded (warm) -> scheduler and worker -> listener
+(accepting associations last). Stop order is the reverse: stop accepting associations and let
+the ones in flight finish, stop the scheduler, let the worker finish its study, hand any lease
+back to the queue. Everything is in the database, so the next start resumes where this one
+stopped: RECEIVING studies complete, READY studies are classified, pending sends go out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+import uuid
+from types import FrameType
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon.delivery import deliver_due
+from daemon.models import LoadedModel, load_models
+from daemon.pipeline import StudyProcessor
+from daemon.settings import Settings
+from daemon.sink import DatabaseSink
+from daemon.worker import Worker
+from db.audit import AuditEventType, audit
+from db.engine import make_engine, make_session_factory
+from db.ingest import PatientIdPolicy
+from db.queue import expire_leases, mark_ready, release_own_leases
+from db.schema import ensure_schema
+from dicom_io.scp import Listener, ListenerConfig
+from dicom_io.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+def pseudonym_key(settings: Settings) -> bytes:
+    """Return the HMAC key for patient IDs: configured, else a key file beside the spool.
+
+    The key file is created once (0600) so that the same patient maps to the same key across
+    restarts.
+    """
+    if settings.privacy.pseudonym_key:
+        return settings.privacy.pseudonym_key.encode("utf-8")
+    key_file = settings.storage.spool_dir.parent / "pseudonym.key"
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return key_file.read_bytes().strip()
+    with os.fdopen(fd, "wb") as fh:
+        key = secrets.token_hex(32).encode("ascii")
+        fh.write(key)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return key
+
+
+class Radflag:
+    """The running gateway.
+
+    Parameters
+    ----------
+    settings
+        Validated settings.
+    models
+        Already-loaded models (tests inject them); loaded from the settings when None.
+    """
+
+    def __init__(self, settings: Settings, models: list[LoadedModel] | None = None) -> None:
+        self.settings = settings
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.engine: Engine = make_engine(settings.database.url)
+        ensure_schema(self.engine, create_if_empty=settings.database.auto_create)
+        self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
+        self.spool = Spool(settings.storage.spool_dir)
+        self.results = Spool(settings.storage.results_dir)
+        self.models = (
+            models
+            if models is not None
+            else load_models(
+                settings.models.bundles, settings.worker.device, settings.worker.batch_size
+            )
+        )
+        policy = PatientIdPolicy(
+            key=pseudonym_key(settings), store_clear=settings.privacy.store_patient_id_in_clear
+        )
+        self.processor = StudyProcessor(
+            settings, self.sessions, self.spool, self.results, self.models
+        )
+        self.worker = Worker(
+            self.worker_id,
+            self.sessions,
+            self.processor,
+            lease_s=settings.worker.lease_s,
+            poll_interval_s=settings.worker.poll_interval_s,
+        )
+        lst = settings.listener
+        self.listener = Listener(
+            ListenerConfig(
+                ae_title=lst.ae_title,
+                host=lst.host,
+                port=lst.port,
+                allowed_calling_aes=tuple(lst.allowed_calling_aes),
+                max_associations=lst.max_associations,
+                max_pdu_bytes=lst.max_pdu_bytes,
+                acse_timeout_s=lst.acse_timeout_s,
+                dimse_timeout_s=lst.dimse_timeout_s,
+                network_timeout_s=lst.network_timeout_s,
+            ),
+            self.spool,
+            DatabaseSink(self.sessions, policy),
+        )
+        self.scheduler = BackgroundScheduler(timezone="UTC")
+        self._stopped = threading.Event()
+        self._started = False
+
+    # -- scheduled jobs -------------------------------------------------------------------
+    def complete_studies(self) -> None:
+        """Scheduled: mark quiet studies READY, expire stale leases, wake the worker."""
+        ready = mark_ready(self.sessions, self.settings.completion.quiet_period_s)
+        expired = expire_leases(self.sessions, max_attempts=self.settings.worker.max_attempts)
+        if ready or expired:
+            log.info("studies ready", extra={"ready": len(ready), "leases_expired": len(expired)})
+            self.worker.wake()
+
+    def deliver(self) -> None:
+        """Scheduled: send due outbox entries."""
+        deliver_due(self.sessions, self.settings.delivery)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the scheduler, the worker and then the listener (non-blocking)."""
+        self.spool.root.mkdir(parents=True, exist_ok=True)
+        self.results.root.mkdir(parents=True, exist_ok=True)
+        with self.sessions.begin() as session:
+            audit(
+                session,
+                AuditEventType.DAEMON_STARTED,
+                actor=f"daemon:{self.worker_id}",
+                detail={
+                    "ae_title": self.settings.listener.ae_title,
+                    "port": self.settings.listener.port,
+                    "models": [
+                        {
+                            "name": m.bundle.card.name,
+                            "version": m.bundle.card.version,
+                            "weights_sha256": m.bundle.card.weights_sha256,
+                        }
+                        for m in self.models
+                    ],
+                    "destinations": [d.name for d in self.settings.destinations],
+                },
+            )
+        comp = self.settings.completion
+        self.scheduler.add_job(
+            self.complete_studies,
+            "interval",
+            seconds=comp.check_interval_s,
+            id="complete_studies",
+            max_instances=1,
+            coalesce=True,
+        )
+        self.scheduler.add_job(
+            self.deliver,
+            "interval",
+            seconds=self.settings.delivery.check_interval_s,
+            id="deliver",
+            max_instances=1,
+            coalesce=True,
+        )
+        self.scheduler.start()
+        self.worker.start()
+        self.listener.start()
+        self._started = True
+        log.info(
+            "radflag started",
+            extra={
+                "ae_title": self.settings.listener.ae_title,
+                "port": self.listener.port,
+                "database": self.engine.dialect.name,
+                "worker_id": self.worker_id,
+            },
+        )
+
+    @property
+    def port(self) -> int:
+        """The listener's bound port."""
+        return self.listener.port
+
+    def stop(self) -> None:
+        """Stop gracefully; safe to call more than once."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self._started:
+            self.listener.stop(grace_s=self.settings.listener.shutdown_grace_s)
+            self.scheduler.shutdown(wait=True)
+            if not self.worker.stop(timeout_s=max(30.0, self.settings.listener.shutdown_grace_s)):
+                log.warning("worker still busy at shutdown; its study goes back to the queue")
+        released = release_own_leases(self.sessions, self.worker_id)
+        with self.sessions.begin() as session:
+            audit(
+                session,
+                AuditEventType.DAEMON_STOPPED,
+                actor=f"daemon:{self.worker_id}",
+                detail={"released_studies": len(released)},
+            )
+        self.engine.dispose()
+        log.info("radflag stopped", extra={"released_studies": len(released)})
+
+    def run_until_signal(self) -> None:
+        """Start, block until SIGTERM or SIGINT, then stop gracefully."""
+        stop_requested = threading.Event()
+
+        def _handler(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal received, stopping", extra={"signal": signal.Signals(signum).name})
+            stop_requested.set()
+
+        signal.signal(signal.SIGTERM, _handler)
+        signal.signal(signal.SIGINT, _handler)
+        self.start()
+        try:
+            while not stop_requested.wait(1.0):
+                pass
+        finally:
+            self.stop()

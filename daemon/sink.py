@@ -1,0 +1,59 @@
+"""The listener's instance sink: commits each received instance's row before the C-STORE ack."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.ingest import NewInstance, PatientIdPolicy, record_instance
+from dicom_io.scp import ReceivedInstance, SinkUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class DatabaseSink:
+    """Implements :class:`dicom_io.scp.InstanceSink` on the radflag database.
+
+    Parameters
+    ----------
+    sessions
+        Session factory.
+    policy
+        How patient IDs are stored (keyed hash by default).
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], policy: PatientIdPolicy) -> None:
+        self._sessions = sessions
+        self._policy = policy
+
+    def store(self, instance: ReceivedInstance) -> bool:
+        """Commit the instance row; True for a new instance, False for a duplicate.
+
+        Raises
+        ------
+        SinkUnavailable
+            When the database cannot commit (the listener answers 0xA700, PS3.4 B.2.3).
+        """
+        item = NewInstance(
+            sop_instance_uid=instance.sop_instance_uid,
+            sop_class_uid=instance.sop_class_uid,
+            study_instance_uid=instance.study_instance_uid,
+            series_instance_uid=instance.series_instance_uid,
+            modality=instance.modality,
+            patient_id=instance.patient_id,
+            calling_ae=instance.calling_ae,
+            peer_host=instance.peer_host,
+            path=str(instance.path),
+            size_bytes=instance.size_bytes,
+            transfer_syntax_uid=instance.transfer_syntax_uid,
+        )
+        try:
+            return record_instance(self._sessions, item, self._policy)
+        except SQLAlchemyError as exc:
+            log.error(
+                "database unavailable while recording an instance",
+                extra={"error": type(exc).__name__, "sop_instance_uid": instance.sop_instance_uid},
+            )
+            raise SinkUnavailable(f"database error: {type(exc).__name__}") from exc
