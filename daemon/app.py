@@ -17,9 +17,11 @@ import socket
 import threading
 import uuid
 from types import FrameType
+from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.delivery import deliver_due
@@ -33,10 +35,15 @@ from db.engine import make_engine, make_session_factory
 from db.ingest import PatientIdPolicy
 from db.queue import expire_leases, mark_ready, release_own_leases
 from db.schema import ensure_schema
-from dicom_io.scp import Listener, ListenerConfig
+from dicom_io.scp import Listener, ListenerConfig, ListenerEventKind
 from dicom_io.spool import Spool
 
 log = logging.getLogger(__name__)
+
+_LISTENER_AUDIT: dict[str, AuditEventType] = {
+    ListenerEventKind.ASSOCIATION_REJECTED.value: AuditEventType.ASSOCIATION_REJECTED,
+    ListenerEventKind.STORE_FAILED.value: AuditEventType.INSTANCE_REJECTED,
+}
 
 
 def pseudonym_key(settings: Settings) -> bytes:
@@ -115,10 +122,37 @@ class Radflag:
             ),
             self.spool,
             DatabaseSink(self.sessions, policy),
+            on_event=self.on_listener_event,
         )
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._stopped = threading.Event()
         self._started = False
+
+    def on_listener_event(self, kind: str, detail: dict[str, Any]) -> None:
+        """Audit what the listener refused (rejected associations, failed C-STOREs).
+
+        Called from pynetdicom's threads; best effort: when the database itself is what failed,
+        the event is logged instead.
+        """
+        event = _LISTENER_AUDIT.get(kind)
+        if event is None:
+            return
+        actor = f"scp:{detail.get('calling_ae', '?')}@{detail.get('peer_host', '?')}"
+        try:
+            with self.sessions.begin() as session:
+                audit(
+                    session,
+                    event,
+                    actor=actor,
+                    study_instance_uid=detail.get("study_instance_uid"),
+                    sop_instance_uid=detail.get("sop_instance_uid"),
+                    detail={k: v for k, v in detail.items() if k != "patient_id"},
+                )
+        except SQLAlchemyError as exc:
+            log.error(
+                "could not audit a listener event",
+                extra={"kind": kind, "error": type(exc).__name__},
+            )
 
     # -- scheduled jobs -------------------------------------------------------------------
     def complete_studies(self) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from dicom_io.scu import Destination, SendError, send_datasets
 from pydicom import dcmread
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.settings import DeliverySettings
 from db.models import utcnow
 from db.outbox import BackoffPolicy, DeliveryState, due_deliveries, record_attempt
+from dicom_io.scu import Destination, SendError, send_datasets
 
 log = logging.getLogger(__name__)
 

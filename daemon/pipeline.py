@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dicom_io.sr import AlgorithmInfo, FindingResult, build_sr, result_uids
 from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -40,10 +39,16 @@ from dicom_io.reader import (
 )
 from dicom_io.select import select_images
 from dicom_io.spool import Spool
+from dicom_io.sr import AlgorithmInfo, FindingResult, build_sr, result_uids
+from model.bundle import ModelCard, ModelIdentity
 from model.infer import aggregate_study
 from model.pixels import PixelMeta
 
 log = logging.getLogger(__name__)
+
+
+class PermanentProcessingError(Exception):
+    """The study's content itself prevents a result; retrying cannot help."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,10 @@ class StudyProcessor:
             self._process(claim)
         except LeaseLost as exc:
             log.warning("result discarded: study changed while processing (%s)", exc, extra=extra)
+        except PermanentProcessingError as exc:
+            log.warning("study failed: %s", exc, extra=extra)
+            with contextlib.suppress(LeaseLost):
+                finish_failed(self._sessions, claim, str(exc))
         except Exception as exc:
             log.exception("processing failed; will retry", extra=extra)
             with contextlib.suppress(LeaseLost):
@@ -207,27 +216,14 @@ class StudyProcessor:
         positive = probability >= card.threshold
 
         t_sr = time.perf_counter()
-        sources: list[Dataset] = [read_dataset(Path(s.instance.path)) for s in chosen]
-        series_uid, sop_uid = result_uids(claim.study_instance_uid, card.name, card.version, "SR")
-        sr = build_sr(
-            sources,
-            FindingResult(
-                code_value=card.finding.value,
-                code_scheme=card.finding.scheme,
-                code_meaning=card.finding.meaning,
-                probability=probability,
-                present=positive,
-            ),
-            AlgorithmInfo(
-                name=card.name,
-                version=card.version,
-                manufacturer=card.manufacturer,
-                weights_sha256=identity.weights_sha256,
-                threshold=card.threshold,
-            ),
-            series_instance_uid=series_uid,
-            sop_instance_uid=sop_uid,
-        )
+        sources: list[Dataset] = [
+            read_dataset(Path(s.instance.path), with_pixels=False) for s in chosen
+        ]
+        try:
+            sr = self._build_sr(claim, sources, card, identity, probability, positive)
+        except ValueError as exc:
+            raise PermanentProcessingError(f"cannot build the SR: {exc}") from exc
+        series_uid, sop_uid = str(sr.SeriesInstanceUID), str(sr.SOPInstanceUID)
         sr_path = self._results.path_for(claim.study_instance_uid, series_uid, sop_uid)
         self._results.write(sr, sr.file_meta, sr_path)
         sr_ms = (time.perf_counter() - t_sr) * 1000
@@ -263,6 +259,36 @@ class StudyProcessor:
             sr_series_instance_uid=series_uid,
             sr_sop_instance_uid=sop_uid,
             outputs=outputs,
+        )
+
+    def _build_sr(
+        self,
+        claim: ClaimedStudy,
+        sources: list[Dataset],
+        card: ModelCard,
+        identity: ModelIdentity,
+        probability: float,
+        positive: bool,
+    ) -> Dataset:
+        series_uid, sop_uid = result_uids(claim.study_instance_uid, card.name, card.version, "SR")
+        return build_sr(
+            sources,
+            FindingResult(
+                code_value=card.finding.value,
+                code_scheme=card.finding.scheme,
+                code_meaning=card.finding.meaning,
+                probability=probability,
+                present=positive,
+            ),
+            AlgorithmInfo(
+                name=card.name,
+                version=card.version,
+                manufacturer=card.manufacturer,
+                weights_sha256=identity.weights_sha256,
+                threshold=card.threshold,
+            ),
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
         )
 
     def _fail_undecodable(self, claim: ClaimedStudy, sel: _Selected, reason: str) -> None:

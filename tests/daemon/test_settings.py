@@ -61,7 +61,7 @@ def test_every_bad_key_gets_its_own_line(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text(
         '[listener]\nae_title = "BAD\\\\AE"\nport = 70000\nprot = 1\n'
-        '[completion]\nquiet_period_s = -1\n'
+        "[completion]\nquiet_period_s = -1\n"
         '[[destinations]]\nae_title = "PACS"\nhost = "h"\n'
     )
     with pytest.raises(SettingsError) as info:

@@ -1,0 +1,538 @@
+"""The DICOM listener: Storage SCP and Verification SCP (pynetdicom).
+
+Implements PS3.4 Annex A (Verification) and Annex B (Storage) over PS3.7 C-ECHO/C-STORE and
+the PS3.8 upper layer. "Ack means durable": a C-STORE gets ``0x0000`` only after the instance
+is on disk (fsync + atomic rename, :class:`dicom_io.spool.Spool`) *and* the sink committed its
+row; otherwise the sender receives a failure status and will retry.
+
+C-STORE handling, in order (:func:`handle_store`):
+
+1. decode the data set (failure: ``0xC210`` cannot understand);
+2. validate Study/Series/SOP Instance UIDs (PS3.5 9.1 syntax), SOP Instance UID equal to
+   the command's Affected SOP Instance UID and SOP Class UID equal to the presentation
+   context's abstract syntax (failure: ``0xA900`` data set does not match SOP class);
+3. write the received bytes as a PS3.10 file, in the received transfer syntax, through the
+   spool (any write error, ``ENOSPC`` included: ``0xA700`` out of resources; nothing
+   half-written is left);
+4. ``sink.store(...)``; if it raises, the newly written file is removed (only when it did not
+   exist before: a duplicate never loses the original) and the answer is ``0xA700``;
+5. ``0x0000``.
+
+Association policy: calling AE titles outside ``allowed_calling_aes`` are rejected
+(rejected-permanent, service-user, reason 3); a called AE title other than ours is rejected
+(reason 7); above ``max_associations`` concurrent associations new ones are rejected
+(rejected-transient, service-provider presentation, reason 2). Unsupported SOP classes are
+refused at presentation-context negotiation.
+
+Audit hook: ``on_event(kind, detail)`` is called (from pynetdicom threads) with ``kind`` one of
+:class:`ListenerEventKind` and a JSON-serialisable ``detail`` dict holding only technical
+identifiers (AE titles, peer host, UIDs, status) -- never patient names or IDs. The callback
+must be quick and thread-safe; exceptions it raises are logged and swallowed. Every event is
+also logged (INFO for associations, WARNING for failures) with the detail in ``extra``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from io import BytesIO
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_io import statuses
+from dicom_io.ae_titles import validate_ae_title
+from dicom_io.sop_classes import (
+    STORAGE_SOP_CLASSES,
+    STORAGE_TRANSFER_SYNTAXES,
+    VERIFICATION_SOP_CLASS,
+)
+from dicom_io.spool import Spool, SpoolError
+from dicom_io.uids import clean_uid
+
+logger = logging.getLogger(__name__)
+
+ERROR_COMMENT_MAX_CHARS = 64
+"""Maximum length of (0000,0902) Error Comment (VR LO)."""
+
+_LOCK_STRIPES = 64
+
+
+class SinkUnavailable(Exception):  # noqa: N818 -- name fixed by the contract
+    """Raised by an :class:`InstanceSink` when it cannot commit (e.g. database down).
+
+    The listener answers ``0xA700`` (out of resources) so the sender retries later.
+    """
+
+
+class ListenerEventKind(StrEnum):
+    """Closed vocabulary of listener audit events passed to ``on_event``."""
+
+    ASSOCIATION_ACCEPTED = "association_accepted"
+    ASSOCIATION_REJECTED = "association_rejected"
+    ASSOCIATION_ABORTED = "association_aborted"
+    CONTEXTS_REJECTED = "presentation_contexts_rejected"
+    STORE_FAILED = "store_failed"
+
+
+EventCallback = Callable[[str, dict[str, Any]], None]
+"""Signature of the ``on_event`` audit hook: ``(kind, detail)``."""
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """Listener settings (validated on construction).
+
+    Parameters
+    ----------
+    ae_title
+        Our (called) AE title.
+    host
+        Address to bind.
+    port
+        TCP port; 0 binds an ephemeral port (see :attr:`Listener.port`).
+    allowed_calling_aes
+        Calling AE titles allowed to associate; empty accepts any.
+    max_associations
+        Maximum concurrent associations.
+    max_pdu_bytes
+        Maximum PDU length we receive (PS3.8 D.3.3.2.1); 0 means unlimited.
+    acse_timeout_s, dimse_timeout_s, network_timeout_s
+        Association negotiation, DIMSE message and idle network timeouts in seconds.
+    """
+
+    ae_title: str
+    host: str = "0.0.0.0"
+    port: int = 11112
+    allowed_calling_aes: tuple[str, ...] = ()
+    max_associations: int = 16
+    max_pdu_bytes: int = 0
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ae_title", validate_ae_title(self.ae_title, "ae_title"))
+        object.__setattr__(
+            self,
+            "allowed_calling_aes",
+            tuple(validate_ae_title(ae, "allowed_calling_aes") for ae in self.allowed_calling_aes),
+        )
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0-65535, got {self.port}")
+        if self.max_associations < 1:
+            raise ValueError(f"max_associations must be >= 1, got {self.max_associations}")
+        if self.max_pdu_bytes != 0 and self.max_pdu_bytes < 4096:
+            raise ValueError(f"max_pdu_bytes must be 0 or >= 4096, got {self.max_pdu_bytes}")
+        for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """One instance durably written to the spool, handed to the sink."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str | None
+    patient_id: str | None
+    calling_ae: str
+    peer_host: str
+    path: Path
+    size_bytes: int
+    transfer_syntax_uid: str
+
+
+class InstanceSink(Protocol):
+    """Where the listener records received instances (the daemon's database adapter)."""
+
+    def store(self, instance: ReceivedInstance) -> bool:
+        """Commit the instance row.
+
+        Returns
+        -------
+        bool
+            True when new, False when the SOP instance was already known (duplicate).
+
+        Raises
+        ------
+        SinkUnavailable
+            When the row cannot be committed; the listener answers ``0xA700``.
+        """
+        ...
+
+
+class _StripedLocks:
+    """Serialise handling of the same SOP Instance UID across associations."""
+
+    def __init__(self, stripes: int = _LOCK_STRIPES) -> None:
+        self._locks = [threading.Lock() for _ in range(stripes)]
+
+    def for_key(self, key: str) -> threading.Lock:
+        return self._locks[hash(key) % len(self._locks)]
+
+
+@dataclass
+class _Emitter:
+    callback: EventCallback | None = None
+
+    def __call__(self, kind: ListenerEventKind, detail: dict[str, Any]) -> None:
+        level = logging.WARNING if kind is ListenerEventKind.STORE_FAILED else logging.INFO
+        logger.log(level, "listener event: %s", kind.value, extra={"event": kind.value, **detail})
+        if self.callback is None:
+            return
+        try:
+            self.callback(kind.value, detail)
+        except Exception:
+            logger.exception("on_event callback failed", extra={"event": kind.value})
+
+
+@dataclass
+class StoreContext:
+    """Dependencies of :func:`handle_store` (bound as handler args)."""
+
+    spool: Spool
+    sink: InstanceSink
+    emit: Callable[[ListenerEventKind, dict[str, Any]], None] = field(default_factory=_Emitter)
+    locks: _StripedLocks = field(default_factory=_StripedLocks)
+
+
+def _status(code: int, comment: str | None = None) -> Dataset:
+    rsp = Dataset()
+    rsp.Status = code
+    if comment:
+        rsp.ErrorComment = comment[:ERROR_COMMENT_MAX_CHARS]
+    return rsp
+
+
+def _peer(event: evt.Event) -> tuple[str, str]:
+    requestor = event.assoc.requestor
+    return str(requestor.ae_title).strip(), str(requestor.address)
+
+
+def _text_or_none(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def handle_store(event: evt.Event, ctx: StoreContext) -> Dataset:
+    """Handle one C-STORE request (PS3.4 B.2, PS3.7 9.1.1); never raises.
+
+    Parameters
+    ----------
+    event
+        pynetdicom ``EVT_C_STORE`` event.
+    ctx
+        Spool, sink, audit emitter and per-UID locks.
+
+    Returns
+    -------
+    Dataset
+        Response status (``Status`` and, on failure, ``ErrorComment``).
+    """
+    calling_ae, peer_host = _peer(event)
+    detail: dict[str, Any] = {"calling_ae": calling_ae, "peer_host": peer_host}
+
+    def fail(code: int, reason: str) -> Dataset:
+        ctx.emit(ListenerEventKind.STORE_FAILED, {**detail, "status": code, "reason": reason})
+        return _status(code, reason)
+
+    try:
+        return _handle_store(event, ctx, detail, fail)
+    except Exception:  # a bug must not reach pynetdicom (which would answer 0xC211)
+        logger.exception("unexpected error in C-STORE handler", extra=detail)
+        return fail(statuses.PROCESSING_FAILURE, "internal error")
+
+
+def _handle_store(
+    event: evt.Event,
+    ctx: StoreContext,
+    detail: dict[str, Any],
+    fail: Callable[[int, str], Dataset],
+) -> Dataset:
+    request = cast(C_STORE, event.request)
+    calling_ae: str = detail["calling_ae"]
+    context_sop_class = str(event.context.abstract_syntax)
+    transfer_syntax = str(event.context.transfer_syntax)
+    detail["sop_instance_uid"] = str(request.AffectedSOPInstanceUID or "")
+
+    # 1. decode
+    try:
+        ds = event.dataset
+        sop_class = clean_uid(ds.get("SOPClassUID"))
+        sop_uid = clean_uid(ds.get("SOPInstanceUID"))
+        study_uid = clean_uid(ds.get("StudyInstanceUID"))
+        series_uid = clean_uid(ds.get("SeriesInstanceUID"))
+        modality = _text_or_none(ds, "Modality")
+        patient_id = _text_or_none(ds, "PatientID")
+    except Exception as exc:
+        logger.debug("C-STORE data set decode failed", exc_info=True, extra=detail)
+        return fail(statuses.CANNOT_UNDERSTAND, f"cannot decode data set: {type(exc).__name__}")
+
+    # 2. validate
+    if sop_class != context_sop_class:
+        return fail(
+            statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            "SOPClassUID missing or differs from presentation context",
+        )
+    if sop_uid is None or sop_uid != str(request.AffectedSOPInstanceUID).strip("\x00 "):
+        return fail(
+            statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            "SOPInstanceUID missing, invalid or differs from command",
+        )
+    if study_uid is None:
+        return fail(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "StudyInstanceUID missing/invalid")
+    if series_uid is None:
+        return fail(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SeriesInstanceUID missing/invalid")
+    detail["sop_instance_uid"] = sop_uid
+
+    # 3. write, 4. commit -- serialised per SOP Instance UID so that concurrent duplicates
+    # cannot remove a file another association has just committed.
+    path = ctx.spool.path_for(study_uid, series_uid, sop_uid)
+    file_meta = event.file_meta
+    file_meta.SourceApplicationEntityTitle = calling_ae or "UNKNOWN"
+    with ctx.locks.for_key(sop_uid):
+        existed_before = path.exists()
+        try:
+            raw = request.DataSet
+            if isinstance(raw, BytesIO):
+                with raw.getbuffer() as buffer:
+                    size = ctx.spool.write_encoded(file_meta, buffer, path)
+            else:  # chunked receive mode or unusual primitive: re-encode the decoded data set
+                size = ctx.spool.write(ds, file_meta, path)
+        except SpoolError as exc:
+            _remove_if_new(path, existed_before)
+            reason = "out of disk space" if exc.out_of_space else "spool write failed"
+            logger.error("spool write failed: %s", exc, extra=detail)
+            return fail(statuses.OUT_OF_RESOURCES, reason)
+
+        instance = ReceivedInstance(
+            sop_instance_uid=sop_uid,
+            sop_class_uid=sop_class,
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            modality=modality,
+            patient_id=patient_id,
+            calling_ae=calling_ae,
+            peer_host=detail["peer_host"],
+            path=path,
+            size_bytes=size,
+            transfer_syntax_uid=transfer_syntax,
+        )
+        try:
+            is_new = ctx.sink.store(instance)
+        except SinkUnavailable as exc:
+            _remove_if_new(path, existed_before)
+            logger.error("instance sink unavailable: %s", exc, extra=detail)
+            return fail(statuses.OUT_OF_RESOURCES, "cannot record instance, retry later")
+        except Exception:
+            _remove_if_new(path, existed_before)
+            logger.exception("instance sink failed", extra=detail)
+            return fail(statuses.OUT_OF_RESOURCES, "cannot record instance, retry later")
+
+    logger.debug(
+        "instance stored",
+        extra={**detail, "duplicate": not is_new, "size_bytes": size, "path": str(path)},
+    )
+    return _status(statuses.SUCCESS)
+
+
+def _remove_if_new(path: Path, existed_before: bool) -> None:
+    if existed_before:
+        return
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        logger.exception("cannot remove uncommitted spool file", extra={"path": str(path)})
+
+
+def handle_echo(event: evt.Event) -> int:
+    """Answer C-ECHO (PS3.4 Annex A, PS3.7 9.1.5) with success."""
+    return statuses.SUCCESS
+
+
+def handle_conn_open(event: evt.Event) -> None:
+    """Set ``TCP_NODELAY`` on an accepted connection (small PDUs/responses are not delayed)."""
+    try:
+        dul_socket = event.assoc.dul.socket
+        sock = None if dul_socket is None else dul_socket.socket
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):
+        logger.debug("cannot set TCP_NODELAY", exc_info=True)
+
+
+def _rejection_reason(event: evt.Event, config: ListenerConfig) -> str:
+    calling_ae, _ = _peer(event)
+    primitive = event.assoc.requestor.primitive
+    called_ae = "" if primitive is None else str(primitive.called_ae_title or "").strip()
+    if config.allowed_calling_aes and calling_ae not in config.allowed_calling_aes:
+        return "calling AE title not recognized"
+    if called_ae and called_ae != config.ae_title:
+        return "called AE title not recognized"
+    return "local limit exceeded or negotiation failure"
+
+
+class Listener:
+    """Storage + Verification SCP running in background threads.
+
+    Parameters
+    ----------
+    config
+        Network and association policy.
+    spool
+        Where received files are written.
+    sink
+        Records received instances; see :class:`InstanceSink`.
+    on_event
+        Optional audit hook ``(kind, detail)``; see the module docstring.
+    """
+
+    def __init__(
+        self,
+        config: ListenerConfig,
+        spool: Spool,
+        sink: InstanceSink,
+        *,
+        on_event: EventCallback | None = None,
+    ) -> None:
+        self.config = config
+        self._emit = _Emitter(on_event)
+        self._store_ctx = StoreContext(spool=spool, sink=sink, emit=self._emit)
+        self._server: ThreadedAssociationServer | None = None
+        self._ae: AE | None = None
+
+    def _make_ae(self) -> AE:
+        cfg = self.config
+        ae = AE(ae_title=cfg.ae_title)
+        ae.maximum_associations = cfg.max_associations
+        ae.maximum_pdu_size = cfg.max_pdu_bytes
+        ae.acse_timeout = cfg.acse_timeout_s
+        ae.dimse_timeout = cfg.dimse_timeout_s
+        ae.network_timeout = cfg.network_timeout_s
+        ae.require_calling_aet = list(cfg.allowed_calling_aes)
+        ae.require_called_aet = True
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, list(STORAGE_TRANSFER_SYNTAXES))
+        ae.add_supported_context(
+            VERIFICATION_SOP_CLASS, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        )
+        return ae
+
+    def start(self) -> None:
+        """Bind and start serving in background threads (non-blocking).
+
+        Raises
+        ------
+        RuntimeError
+            If already started.
+        OSError
+            If the address cannot be bound.
+        """
+        if self._server is not None:
+            raise RuntimeError("listener already started")
+        ae = self._make_ae()
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, handle_conn_open),
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, handle_store, [self._store_ctx]),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ABORTED, self._on_aborted),
+        ]
+        server = ae.start_server(
+            (self.config.host, self.config.port), block=False, evt_handlers=handlers
+        )
+        if server is None:  # pragma: no cover -- block=False always returns the server
+            raise RuntimeError("pynetdicom did not return a server")
+        self._ae, self._server = ae, server
+        logger.info(
+            "listener started",
+            extra={"ae_title": self.config.ae_title, "host": self.config.host, "port": self.port},
+        )
+
+    @property
+    def port(self) -> int:
+        """The TCP port actually bound (useful when ``config.port`` is 0)."""
+        if self._server is None:
+            raise RuntimeError("listener not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def active_associations(self) -> int:
+        """Number of associations currently being served."""
+        return 0 if self._server is None else len(self._server.active_associations)
+
+    def stop(self, grace_s: float = 30) -> None:
+        """Stop accepting, let in-flight associations finish (up to ``grace_s``), then abort.
+
+        Parameters
+        ----------
+        grace_s
+            Seconds to wait for running associations before aborting them (A-ABORT).
+        """
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        deadline = time.monotonic() + max(grace_s, 0.0)
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        remaining = server.active_associations
+        for assoc in remaining:
+            logger.warning("aborting association at shutdown", extra={"peer": _peer_of(assoc)})
+            assoc.abort()
+        for assoc in remaining:
+            assoc.join(timeout=5)
+        logger.info("listener stopped", extra={"aborted": len(remaining)})
+
+    # -- notification handlers (audit) --------------------------------------------------
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        calling_ae, peer_host = _peer(event)
+        base = {"calling_ae": calling_ae, "peer_host": peer_host}
+        self._emit(ListenerEventKind.ASSOCIATION_ACCEPTED, base)
+        rejected = [str(cx.abstract_syntax) for cx in event.assoc.rejected_contexts]
+        if rejected:
+            self._emit(ListenerEventKind.CONTEXTS_REJECTED, {**base, "abstract_syntaxes": rejected})
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        calling_ae, peer_host = _peer(event)
+        self._emit(
+            ListenerEventKind.ASSOCIATION_REJECTED,
+            {
+                "calling_ae": calling_ae,
+                "peer_host": peer_host,
+                "reason": _rejection_reason(event, self.config),
+            },
+        )
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        calling_ae, peer_host = _peer(event)
+        self._emit(
+            ListenerEventKind.ASSOCIATION_ABORTED,
+            {"calling_ae": calling_ae, "peer_host": peer_host},
+        )
+
+
+def _peer_of(assoc: Any) -> Mapping[str, str]:
+    try:
+        return {"calling_ae": str(assoc.requestor.ae_title), "peer_host": assoc.requestor.address}
+    except AttributeError:
+        return {}

@@ -1,0 +1,79 @@
+"""SOP classes and transfer syntaxes radflag accepts as a Storage SCP (PS3.4 Annex B).
+
+Transfer syntaxes are listed lossless-compressed first so that senders proposing several
+transfer syntaxes in one presentation context keep their compression (PS3.5 Annex A; as the
+acceptor pynetdicom picks the first of *our* syntaxes that the requestor also proposed).
+"""
+
+from __future__ import annotations
+
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    ComputedRadiographyImageStorage,
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+)
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+STORAGE_SOP_CLASSES: tuple[UID, ...] = (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+    CTImageStorage,
+)
+"""Storage SOP classes accepted by the listener (PS3.4 B.5)."""
+
+VERIFICATION_SOP_CLASS: UID = Verification
+"""Verification SOP class for C-ECHO (PS3.4 Annex A)."""
+
+LOSSLESS_COMPRESSED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    RLELossless,
+    DeflatedExplicitVRLittleEndian,
+)
+"""Lossless compressed transfer syntaxes (PS3.5 Annex A.4, A.5, A.6)."""
+
+UNCOMPRESSED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+)
+"""Native transfer syntaxes (PS3.5 Annex A.1-A.3)."""
+
+LOSSY_TRANSFER_SYNTAXES: tuple[UID, ...] = (
+    JPEG2000,
+    JPEGLSNearLossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+)
+"""Lossy (or possibly lossy) compressed transfer syntaxes (PS3.5 Annex A.4)."""
+
+STORAGE_TRANSFER_SYNTAXES: tuple[UID, ...] = (
+    LOSSLESS_COMPRESSED_TRANSFER_SYNTAXES + LOSSY_TRANSFER_SYNTAXES + UNCOMPRESSED_TRANSFER_SYNTAXES
+)
+"""Everything the listener accepts for storage, in preference order.
+
+Compressed syntaxes come first (lossless before lossy), native ones last: when a sender offers
+its compressed syntax together with native ones in one presentation context, it keeps its
+compression -- and is never asked to decompress data it may be unable to decode (DCMTK, for
+example, cannot decompress JPEG Extended on the fly and the transfer would fail).
+"""

@@ -1,0 +1,313 @@
+"""Durable storage of received instances as DICOM PS3.10 files.
+
+Layout: ``root/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``; rejected files
+go to ``root/quarantine/``. UIDs are validated (PS3.5 section 9.1: digits and dots only) before
+they become path components, so a hostile UID cannot escape the spool.
+
+Every write is atomic and durable ("ack means durable"): the content goes to a temporary file
+in the destination directory, is flushed and ``fsync``-ed, renamed over the final name with
+``os.replace`` and the directory is ``fsync``-ed. A reader therefore sees either the old file,
+the new file or nothing, never a half-written file.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomFileLike
+from pydicom.filewriter import dcmwrite, write_file_meta_info
+
+from dicom_io.uids import is_valid_uid
+
+logger = logging.getLogger(__name__)
+
+QUARANTINE_DIR = "quarantine"
+"""Name of the quarantine folder below the spool root (never a valid UID)."""
+
+TEMP_SUFFIX = ".tmp"
+"""Suffix of in-flight temporary files (hidden: they also start with a dot)."""
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+class SpoolError(Exception):
+    """A spool write or move failed; nothing was left half-written.
+
+    Parameters
+    ----------
+    message
+        Human-readable description.
+    path
+        The destination that could not be written.
+    out_of_space
+        True when the underlying cause is ``ENOSPC``/``EDQUOT`` (disk or quota full).
+
+    Notes
+    -----
+    The original :class:`OSError` (if any) is kept as ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, path: Path, out_of_space: bool = False) -> None:
+        super().__init__(message)
+        self.path = path
+        self.out_of_space = out_of_space
+
+
+def _is_out_of_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Atomic, fsync-ed storage of DICOM PS3.10 files below ``root``.
+
+    Parameters
+    ----------
+    root
+        Spool folder; created (with parents) when missing.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def quarantine_dir(self) -> Path:
+        """Folder holding quarantined files and their ``.reason.txt`` notes."""
+        return self.root / QUARANTINE_DIR
+
+    def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """Return the spool path of one instance.
+
+        Parameters
+        ----------
+        study_uid, series_uid, sop_uid
+            Study, Series and SOP Instance UIDs (PS3.5 section 9.1 syntax).
+
+        Returns
+        -------
+        Path
+            ``root/<study>/<series>/<sop>.dcm`` (not created).
+
+        Raises
+        ------
+        ValueError
+            If any UID is malformed (the argument is named in the message).
+        """
+        for name, value in (
+            ("study_uid", study_uid),
+            ("series_uid", series_uid),
+            ("sop_uid", sop_uid),
+        ):
+            if not is_valid_uid(value):
+                raise ValueError(f"{name} is not a valid DICOM UID: {value!r}")
+        return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
+
+    def write(self, ds: Dataset, file_meta: FileMetaDataset, path: Path) -> int:
+        """Encode ``ds`` with ``file_meta`` as a PS3.10 file at ``path``, atomically.
+
+        The dataset is encoded in ``file_meta.TransferSyntaxUID`` (PS3.10 section 7.1);
+        ``ds`` itself is not modified.
+
+        Parameters
+        ----------
+        ds
+            The dataset (pixel data already in the file meta's transfer syntax).
+        file_meta
+            File meta information (group 0002).
+        path
+            Destination, normally from :meth:`path_for`.
+
+        Returns
+        -------
+        int
+            Bytes written.
+
+        Raises
+        ------
+        SpoolError
+            On any encoding or I/O error; the temporary file is removed.
+        """
+        to_write = copy.copy(ds)
+        to_write.file_meta = file_meta
+
+        def _encode(fh: BinaryIO) -> None:
+            dcmwrite(fh, to_write, enforce_file_format=True)
+
+        return self._atomic_write(path, _encode)
+
+    def write_encoded(
+        self, file_meta: FileMetaDataset, encoded_dataset: bytes | memoryview, path: Path
+    ) -> int:
+        """Write an already-encoded dataset (as received on the wire) as a PS3.10 file.
+
+        This is the listener's fast path: the bytes of the C-STORE Data Set are stored as
+        received (same transfer syntax, including deflated streams), preceded by the
+        preamble, ``DICM`` prefix and the encoded file meta information (PS3.10 section 7.1).
+
+        Parameters
+        ----------
+        file_meta
+            File meta information; its Transfer Syntax UID must be the one the bytes use.
+        encoded_dataset
+            The encoded dataset without file meta.
+        path
+            Destination, normally from :meth:`path_for`.
+
+        Returns
+        -------
+        int
+            Bytes written.
+
+        Raises
+        ------
+        SpoolError
+            On any encoding or I/O error; the temporary file is removed.
+        """
+
+        def _encode(fh: BinaryIO) -> None:
+            fh.write(_PREAMBLE)
+            write_file_meta_info(DicomFileLike(fh), file_meta, enforce_standard=True)
+            fh.write(encoded_dataset)
+
+        return self._atomic_write(path, _encode)
+
+    def quarantine(self, path: Path, reason: str) -> Path:
+        """Move ``path`` into ``root/quarantine/`` and record ``reason`` next to it.
+
+        The new name is ``<UTC timestamp>_<random>_<original name>`` so repeated quarantines
+        of the same name never collide; the reason goes to ``<new name>.reason.txt``.
+
+        Parameters
+        ----------
+        path
+            File to move (inside or outside the spool).
+        reason
+            Why the file is quarantined (no patient identifiers, please).
+
+        Returns
+        -------
+        Path
+            The quarantined file's new path.
+
+        Raises
+        ------
+        SpoolError
+            If the file cannot be moved or the reason cannot be written.
+        """
+        source = Path(path)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        target = self.quarantine_dir / f"{stamp}_{uuid.uuid4().hex[:8]}_{source.name}"
+        try:
+            self._make_dirs(self.quarantine_dir)
+            shutil.move(os.fspath(source), os.fspath(target))
+            _fsync_dir(self.quarantine_dir)
+        except OSError as exc:
+            raise SpoolError(
+                f"cannot quarantine {source}: {exc}",
+                path=target,
+                out_of_space=_is_out_of_space(exc),
+            ) from exc
+        note = self.quarantine_dir / f"{target.name}.reason.txt"
+        text = f"{reason}\noriginal: {source}\nquarantined_at: {stamp}Z\n".encode()
+
+        def _note(fh: BinaryIO) -> None:
+            fh.write(text)
+
+        self._atomic_write(note, _note)
+        logger.warning("file quarantined", extra={"quarantine_path": str(target), "reason": reason})
+        return target
+
+    def sweep_temp_files(self, min_age_s: float = 3600.0) -> int:
+        """Delete temporary files left by a crash during a write.
+
+        Parameters
+        ----------
+        min_age_s
+            Only files older than this (by mtime) are deleted, so in-flight writes survive.
+
+        Returns
+        -------
+        int
+            Number of files removed.
+        """
+        cutoff = time.time() - min_age_s
+        removed = 0
+        for candidate in self._iter_temp_files():
+            try:
+                if candidate.stat().st_mtime < cutoff:
+                    candidate.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        if removed:
+            logger.info("stale spool temp files removed", extra={"count": removed})
+        return removed
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _iter_temp_files(self) -> Iterable[Path]:
+        return self.root.rglob(f".*{TEMP_SUFFIX}")
+
+    def _check_inside_root(self, path: Path) -> Path:
+        resolved = Path(path).resolve()
+        if resolved.parent != self.root and self.root not in resolved.parents:
+            raise ValueError(f"path is outside the spool root {self.root}: {path}")
+        return resolved
+
+    def _make_dirs(self, directory: Path) -> None:
+        """Create ``directory`` (and parents up to root), fsync-ing each new entry's parent."""
+        missing: list[Path] = []
+        current = directory
+        while not current.exists():
+            missing.append(current)
+            if current.parent == current:
+                break
+            current = current.parent
+        for new_dir in reversed(missing):
+            try:
+                new_dir.mkdir()
+            except FileExistsError:
+                continue
+            _fsync_dir(new_dir.parent)
+
+    def _atomic_write(self, path: Path, encode: Callable[[BinaryIO], None]) -> int:
+        target = self._check_inside_root(path)
+        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+        try:
+            self._make_dirs(target.parent)
+            with open(tmp, "xb") as fh:
+                encode(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+                size = fh.tell()
+            os.replace(tmp, target)
+            _fsync_dir(target.parent)
+        except Exception as exc:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                logger.exception("cannot remove spool temp file", extra={"path": str(tmp)})
+            out_of_space = _is_out_of_space(exc)
+            raise SpoolError(
+                f"cannot write {target}: {exc}", path=target, out_of_space=out_of_space
+            ) from exc
+        return size

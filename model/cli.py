@@ -1,0 +1,220 @@
+"""``radflag model`` command: ``train``, ``evaluate`` and ``info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from model.bundle import CodedFinding
+    from model.train import TrainConfig, train
+
+    config = TrainConfig(
+        data=args.data,
+        out=args.out,
+        arch=args.arch,
+        epochs=args.epochs,
+        input_size=args.input_size,
+        channels=args.channels,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        patience=args.patience,
+        target_sensitivity=args.target_sensitivity,
+        positive_class=args.positive_class,
+        name=args.name,
+        version=args.version,
+        limit=args.limit,
+        resume=args.resume,
+        stop_after=args.stop_after,
+        checkpoint_dir=args.checkpoint_dir,
+        weights_dtype=args.weights_dtype,
+        modalities=args.modalities.split(","),
+        finding=CodedFinding(
+            scheme=args.finding_scheme, value=args.finding_value, meaning=args.finding_meaning
+        ),
+        description=args.description,
+        limitations=args.limitations,
+        data_attribution=args.data_attribution,
+        command="radflag " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        progress=not args.no_progress,
+    )
+    try:
+        result = train(config)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.bundle.card.metrics, indent=2))
+    print(f"bundle written to {result.bundle.path}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from model.bundle import BundleError, load_bundle
+    from model.evaluate import evaluate
+
+    try:
+        result = evaluate(
+            load_bundle(args.bundle),
+            args.labels,
+            bootstrap=args.bootstrap,
+            progress=not args.no_progress,
+        )
+    except (BundleError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(result, indent=2)
+    if args.json is not None:
+        args.json.write_text(text + "\n", encoding="utf-8")
+    cm = result["confusion_matrix"]
+    print(
+        f"n={result['n']} threshold={result['threshold']:.4f} accuracy={result['accuracy']:.4f} "
+        f"auc={result['auc']:.4f} sensitivity={result['sensitivity']:.4f} "
+        f"specificity={result['specificity']:.4f} ppv={result['ppv']:.4f} npv={result['npv']:.4f} "
+        f"f1={result['f1']:.4f}\nconfusion: tp={cm['tp']} fp={cm['fp']} tn={cm['tn']} fn={cm['fn']}"
+    )
+    if result["unreadable"]:
+        print(f"{len(result['unreadable'])} unreadable images (see JSON)", file=sys.stderr)
+    return 0
+
+
+def format_card(card_dict: dict[str, Any]) -> str:
+    """Human-readable multi-line rendering of a model card.
+
+    Parameters
+    ----------
+    card_dict
+        ``ModelCard.model_dump()`` output.
+    """
+    lines = [
+        f"{card_dict['name']} {card_dict['version']} ({card_dict['architecture']})",
+        f"  classes: {', '.join(card_dict['classes'])} (positive: {card_dict['positive_class']})",
+        f"  finding: {card_dict['finding']['scheme']} {card_dict['finding']['value']} "
+        f'"{card_dict["finding"]["meaning"]}"',
+        f"  modalities: {', '.join(card_dict['modalities'])}",
+        f"  threshold: {card_dict['threshold']:.4f}",
+        f"  preprocessing: {card_dict['preprocessing']}",
+        f"  weights: {card_dict['weights_dtype']} sha256 {card_dict['weights_sha256']}",
+    ]
+    for split_name, m in card_dict.get("metrics", {}).items():
+        if isinstance(m, dict) and "accuracy" in m:
+            lines.append(
+                f"  {split_name}: n={m['n']} acc={m['accuracy']:.4f} auc={m['auc']:.4f} "
+                f"sens={m['sensitivity']:.4f} spec={m['specificity']:.4f}"
+            )
+    training = card_dict.get("training", {})
+    for key in ("data", "command", "duration_s", "epochs_run", "best_epoch"):
+        if key in training:
+            lines.append(f"  training.{key}: {training[key]}")
+    if card_dict.get("description"):
+        lines.append(f"  description: {card_dict['description']}")
+    if card_dict.get("limitations"):
+        lines.append(f"  limitations: {card_dict['limitations']}")
+    return "\n".join(lines)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from model.bundle import BundleError, default_bundle_path, load_bundle
+
+    path = args.bundle or default_bundle_path()
+    try:
+        bundle = load_bundle(path)
+    except BundleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"bundle: {bundle.path}")
+    print(format_card(bundle.card.model_dump()))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``model`` command with ``train``, ``evaluate`` and ``info`` sub-commands.
+
+    Each sub-command sets ``func`` (``callable(args) -> int``).
+
+    Parameters
+    ----------
+    subparsers
+        The caller's sub-parser collection.
+    """
+    model_p = subparsers.add_parser("model", help="train, evaluate and inspect model bundles")
+    sub = model_p.add_subparsers(dest="model_command", required=True)
+
+    t = sub.add_parser("train", help="train a bundle on labelled images")
+    t.add_argument(
+        "--data", type=Path, required=True, help="folder with labels.csv or class folders"
+    )
+    t.add_argument("--arch", default="resnet10t", help="timm architecture name")
+    t.add_argument("--epochs", type=int, default=12)
+    t.add_argument("--input-size", type=int, default=160)
+    t.add_argument("--channels", type=int, default=1, choices=(1, 3))
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--val-fraction", type=float, default=0.15)
+    t.add_argument("--test-fraction", type=float, default=0.10)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--patience", type=int, default=4, help="early stopping on validation AUC")
+    t.add_argument("--target-sensitivity", type=float, default=0.95)
+    t.add_argument("--positive-class", default="pneumonia")
+    t.add_argument("--out", type=Path, default=Path("bundle"))
+    t.add_argument("--name", default="radflag-pneumonia")
+    t.add_argument("--version", default="0.1.0")
+    t.add_argument("--limit", type=int, default=None, help="use only N images (smoke runs)")
+    t.add_argument("--resume", type=Path, default=None, help="checkpoint.pt to continue from")
+    t.add_argument(
+        "--stop-after", type=int, default=None, help="run at most N epochs now (resume later)"
+    )
+    t.add_argument("--checkpoint-dir", type=Path, default=None)
+    t.add_argument("--weights-dtype", default="float32", choices=("float32", "float16"))
+    t.add_argument("--modalities", default="CR,DX")
+    t.add_argument("--finding-scheme", default="SCT")
+    t.add_argument("--finding-value", default="233604007")
+    t.add_argument("--finding-meaning", default="Pneumonia")
+    t.add_argument("--description", default="")
+    t.add_argument("--limitations", default="")
+    t.add_argument("--data-attribution", default="")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a bundle on labelled images")
+    e.add_argument("--bundle", type=Path, required=True)
+    e.add_argument("--labels", type=Path, required=True, help="labels.csv or dataset folder")
+    e.add_argument("--json", type=Path, default=None, help="write all metrics as JSON here")
+    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: none)")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=_cmd_evaluate)
+
+    i = sub.add_parser("info", help="print a bundle's model card")
+    i.add_argument("--bundle", type=Path, default=None, help="default: the shipped bundle")
+    i.set_defaults(func=_cmd_info)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m model.cli model ...``).
+
+    Parameters
+    ----------
+    argv
+        Arguments (default ``sys.argv[1:]``).
+    """
+    parser = argparse.ArgumentParser(prog="radflag")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    register(subparsers)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""Warm, batched inference with a loaded bundle (CPU or CUDA)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from model.bundle import Bundle
+from model.pixels import PixelMeta
+from model.preprocess import preprocess
+
+logger = logging.getLogger(__name__)
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """Choose the inference device.
+
+    Parameters
+    ----------
+    preference
+        ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises
+    ------
+    ValueError
+        When CUDA is requested but not available, or the preference is unknown.
+    """
+    pref = preference.strip().lower()
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if pref == "cpu":
+        return torch.device("cpu")
+    if pref == "cuda" or pref.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {preference!r} requested but CUDA is not available")
+        return torch.device(pref)
+    raise ValueError(f"unknown device preference {preference!r} (auto, cpu, cuda, cuda:N)")
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    """Result for one image: P(positive class) and the thresholded decision."""
+
+    probability: float
+    positive: bool
+
+
+def aggregate_study(probabilities: Sequence[float]) -> float:
+    """Study-level probability: the maximum over the study's images.
+
+    Parameters
+    ----------
+    probabilities
+        Per-image probabilities.
+
+    Raises
+    ------
+    ValueError
+        For an empty sequence (a study without images has no result).
+    """
+    if len(probabilities) == 0:
+        raise ValueError("cannot aggregate a study without image probabilities")
+    return float(max(probabilities))
+
+
+class Classifier:
+    """A warm classifier: network built once on the device and reused for every study.
+
+    Parameters
+    ----------
+    bundle
+        Loaded bundle.
+    device
+        Target device (default: :func:`select_device` ``("auto")``).
+    batch_size
+        Images per forward pass.
+    """
+
+    def __init__(
+        self, bundle: Bundle, device: torch.device | None = None, batch_size: int = 16
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.bundle = bundle
+        self.device = device if device is not None else select_device("auto")
+        self.batch_size = batch_size
+        self.spec = bundle.card.preprocess_spec
+        self.threshold = bundle.card.threshold
+        self._net = bundle.model.to(self.device).eval()
+        self._expected_shape = (self.spec.channels, self.spec.input_size, self.spec.input_size)
+
+    def _batch_tensor(self, batch: Sequence[npt.NDArray[Any]]) -> torch.Tensor:
+        for arr in batch:
+            if tuple(arr.shape) != self._expected_shape:
+                raise ValueError(
+                    f"preprocessed image has shape {tuple(arr.shape)}, "
+                    f"expected {self._expected_shape}"
+                )
+        host = torch.from_numpy(np.stack([np.asarray(a, dtype=np.float32) for a in batch]))
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+            return host.to(self.device, non_blocking=True)
+        return host.to(self.device)
+
+    def predict(self, images: Sequence[npt.NDArray[Any]]) -> npt.NDArray[np.float64]:
+        """Return P(positive class) for preprocessed (C, H, W) arrays.
+
+        Parameters
+        ----------
+        images
+            Outputs of :func:`model.preprocess.preprocess` with this bundle's spec.
+
+        Returns
+        -------
+        numpy.ndarray
+            float64 array of shape (N,).
+        """
+        out = np.empty(len(images), dtype=np.float64)
+        use_cuda = self.device.type == "cuda"
+        with torch.inference_mode():
+            for start in range(0, len(images), self.batch_size):
+                batch = self._batch_tensor(images[start : start + self.batch_size])
+                with torch.autocast(device_type=self.device.type, enabled=use_cuda):
+                    logits = self._net(batch)
+                probs = torch.sigmoid(logits.float().reshape(-1))
+                out[start : start + len(probs)] = probs.cpu().numpy().astype(np.float64)
+        return out
+
+    def classify(
+        self, items: Sequence[tuple[npt.NDArray[Any], PixelMeta]]
+    ) -> list[ImagePrediction]:
+        """Preprocess and classify images.
+
+        Parameters
+        ----------
+        items
+            (stored pixels, metadata) pairs as produced by the DICOM reader or
+            :func:`model.preprocess.load_image_file`.
+        """
+        tensors = [preprocess(pixels, meta, self.spec) for pixels, meta in items]
+        probs = self.predict(tensors)
+        return [ImagePrediction(float(p), bool(p >= self.threshold)) for p in probs]

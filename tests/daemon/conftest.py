@@ -1,0 +1,183 @@
+"""Fixtures for daemon tests: a tiny real model bundle, an in-process radflag, a PACS stand-in."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    SecondaryCaptureImageStorage,
+)
+
+from daemon.app import Radflag
+from daemon.models import LoadedModel
+from daemon.settings import Settings
+from model.bundle import ModelCard, build_network, load_bundle, save_bundle
+from model.infer import Classifier
+from model.preprocess import PreprocessSpec
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real (randomly initialised, seeded) resnet10t bundle at 64 px: fast, deterministic."""
+    torch.manual_seed(0)
+    spec = PreprocessSpec(input_size=64, channels=1)
+    net = build_network("resnet10t", spec)
+    card = ModelCard(
+        name="test-pneumonia",
+        version="0.0.1-test",
+        architecture="resnet10t",
+        classes=["normal", "pneumonia"],
+        positive_class="pneumonia",
+        preprocessing=spec.to_dict(),
+        threshold=0.5,
+        modalities=["CR", "DX"],
+        description="untrained network for tests",
+    )
+    path = tmp_path_factory.mktemp("bundle") / "tiny"
+    save_bundle(path, net, card)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_bundle: Path) -> list[LoadedModel]:
+    bundle = load_bundle(tiny_bundle)
+    device = torch.device("cpu")
+    return [LoadedModel(bundle=bundle, classifier=Classifier(bundle, device=device), device=device)]
+
+
+@dataclass
+class PacsStandIn:
+    """A pynetdicom Storage SCP on 127.0.0.1 that keeps what it receives."""
+
+    port: int
+    received: list[Dataset] = field(default_factory=list)
+    calling_aes: list[str] = field(default_factory=list)
+    server: Any = None
+
+    def wait_for(self, n: int, timeout_s: float = 60) -> list[Dataset]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if len(self.received) >= n:
+                return self.received
+            time.sleep(0.1)
+        raise AssertionError(f"PACS received {len(self.received)} objects, expected {n}")
+
+
+@pytest.fixture
+def pacs() -> Iterator[PacsStandIn]:
+    ae = AE(ae_title="PACS")
+    for uid in (Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage):
+        ae.add_supported_context(uid)
+    stand_in = PacsStandIn(port=0)
+    lock = threading.Lock()
+
+    def on_store(event: evt.Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        with lock:
+            stand_in.received.append(ds)
+            stand_in.calling_aes.append(event.assoc.requestor.ae_title)
+        return 0x0000
+
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    stand_in.server = server
+    stand_in.port = server.server_address[1]
+    yield stand_in
+    server.shutdown()
+
+
+def make_settings(tmp_path: Path, pacs_port: int | None, **sections: dict[str, Any]) -> Settings:
+    """Settings for an in-process radflag on 127.0.0.1 with fast timers."""
+    data: dict[str, Any] = {
+        "listener": {"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 5},
+        "storage": {"spool_dir": str(tmp_path / "spool"), "results_dir": str(tmp_path / "results")},
+        "database": {"url": f"sqlite:///{tmp_path / 'radflag.db'}"},
+        "completion": {"quiet_period_s": 0.5, "check_interval_s": 0.2},
+        "worker": {"device": "cpu", "poll_interval_s": 0.2},
+        "delivery": {"backoff_base_s": 0.2, "backoff_max_s": 1.0, "check_interval_s": 0.2},
+        "destinations": (
+            [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}]
+            if pacs_port
+            else []
+        ),
+        "privacy": {"pseudonym_key": "test-key"},
+    }
+    for name, values in sections.items():
+        if isinstance(data.get(name), dict):
+            data[name] = {**data[name], **values}
+        else:
+            data[name] = values
+    return Settings.model_validate(data)
+
+
+@pytest.fixture
+def start_app(tiny_models: list[LoadedModel]) -> Iterator[Callable[[Settings], Radflag]]:
+    apps: list[Radflag] = []
+
+    def _start(settings: Settings) -> Radflag:
+        app = Radflag(settings, models=tiny_models)
+        app.start()
+        apps.append(app)
+        return app
+
+    yield _start
+    for app in apps:
+        app.stop()
+
+
+def storescu(
+    port: int, *files: Path, calling_ae: str = "MODALITY"
+) -> subprocess.CompletedProcess[str]:
+    """Send uncompressed files with DCMTK's ``storescu -v``, which prints each C-STORE status."""
+    exe = Path("/usr/bin/storescu")
+    if not exe.exists():
+        pytest.skip("DCMTK storescu not installed")
+    argv = [str(exe), "-v", "-aet", calling_ae, "-aec", "RADFLAG", "127.0.0.1", str(port)]
+    return subprocess.run(
+        [*argv, *map(str, files)], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def dcmsend(
+    port: int, *files: Path, calling_ae: str = "MODALITY"
+) -> subprocess.CompletedProcess[str]:
+    """Send files with DCMTK's ``dcmsend`` (the real, independent sender).
+
+    ``dcmsend`` proposes each file's own transfer syntax (no decompression on the fly),
+    as a modality or PACS forwarding stored images does.
+    """
+    exe = Path("/usr/bin/dcmsend")
+    if not exe.exists():
+        pytest.skip("DCMTK dcmsend not installed")
+    return subprocess.run(
+        [str(exe), "-aet", calling_ae, "-aec", "RADFLAG", "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout_s: float = 60, what: str = "condition"
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.bundle import load_bundle
+from model.data import LabeledImage, patient_split, read_class_folders, read_dataset
+from model.infer import Classifier
+from model.train import CHECKPOINT_FILE, TrainConfig, cache_images, train
+from tests.conftest import shared_path
+
+
+def _config(data: Path, tmp_path: Path, **kw: object) -> TrainConfig:
+    values: dict[str, object] = {
+        "data": data,
+        "out": tmp_path / "bundle",
+        "arch": "resnet10t",
+        "epochs": 4,
+        "input_size": 32,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "val_fraction": 0.25,
+        "test_fraction": 0.0,
+        "patience": 10,
+        "checkpoint_dir": tmp_path / "ckpt",
+        "progress": False,
+        "command": "pytest",
+    }
+    values.update(kw)
+    return TrainConfig(**values)  # type: ignore[arg-type]
+
+
+def test_tiny_training_loss_falls_and_bundle_round_trips(
+    synthetic_dataset: Path, tmp_path: Path
+) -> None:
+    result = train(_config(synthetic_dataset, tmp_path))
+    losses = [h["train_loss"] for h in result.history]
+    assert len(losses) == 4
+    assert losses[-1] < losses[0]
+    card = result.bundle.card
+    assert card.classes == ["normal", "pneumonia"] and card.positive_class == "pneumonia"
+    assert 0.0 <= card.threshold <= 1.0
+    for key in ("n", "accuracy", "auc", "sensitivity", "specificity", "threshold"):
+        assert key in card.metrics["validation"]
+    split = card.training["split"]
+    assert split["train"]["patients"] + split["validation"]["patients"] == 24
+    assert card.training["command"] == "pytest"
+    assert (tmp_path / "ckpt" / CHECKPOINT_FILE).is_file()
+    # save -> load -> identical outputs
+    loaded = load_bundle(tmp_path / "bundle")
+    images = cache_images(result.split.val, card.preprocess_spec, False, "val")
+    arrays = [img.float().numpy() for img in images]
+    before = Classifier(result.bundle, torch.device("cpu")).predict(arrays)
+    after = Classifier(loaded, torch.device("cpu")).predict(arrays)
+    np.testing.assert_array_equal(before, after)
+
+
+def test_training_is_seeded_and_resume_is_exact(synthetic_dataset: Path, tmp_path: Path) -> None:
+    straight = train(_config(synthetic_dataset, tmp_path / "a", epochs=3))
+    # time-sliced run: 2 epochs now, then resume from the checkpoint for the last one
+    first = train(_config(synthetic_dataset, tmp_path / "b", epochs=3, stop_after=2))
+    assert [h["epoch"] for h in first.history] == [1, 2]
+    cfg = _config(synthetic_dataset, tmp_path / "c", epochs=3)
+    cfg.resume = tmp_path / "b" / "ckpt" / CHECKPOINT_FILE
+    resumed = train(cfg)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert resumed.history == straight.history
+    assert resumed.bundle.card.weights_sha256 == straight.bundle.card.weights_sha256
+
+
+def test_resume_refuses_other_settings(synthetic_dataset: Path, tmp_path: Path) -> None:
+    train(_config(synthetic_dataset, tmp_path, epochs=1))
+    cfg = _config(synthetic_dataset, tmp_path / "x", epochs=1, seed=5)
+    cfg.resume = tmp_path / "ckpt" / CHECKPOINT_FILE
+    with pytest.raises(ValueError, match="other data/settings"):
+        train(cfg)
+
+
+def test_patient_split_has_no_overlap_and_is_seeded(synthetic_dataset: Path) -> None:
+    records = read_dataset(synthetic_dataset)
+    split = patient_split(records, 0.25, seed=3, positive_class="pneumonia", test_fraction=0.25)
+    parts = [{r.patient_id for r in p} for p in (split.train, split.val, split.test)]
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    assert len(split.train) + len(split.val) + len(split.test) == len(records)
+    again = patient_split(records, 0.25, seed=3, positive_class="pneumonia", test_fraction=0.25)
+    assert again == split
+    # both classes in validation (stratified)
+    assert {r.label for r in split.val} == {"normal", "pneumonia"}
+
+
+@pytest.mark.shared
+def test_patient_split_on_kermany_has_no_overlap() -> None:
+    records = read_dataset(shared_path("cxr", "kermany-pneumonia-train"))
+    split = patient_split(records, 0.15, seed=0, positive_class="pneumonia", test_fraction=0.1)
+    train_p = {r.patient_id for r in split.train}
+    val_p = {r.patient_id for r in split.val}
+    test_p = {r.patient_id for r in split.test}
+    assert not (train_p & val_p) and not (train_p & test_p) and not (val_p & test_p)
+    assert 0.10 < len(split.val) / len(records) < 0.20
+
+
+def test_class_folders_and_bad_data(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not found"):
+        read_dataset(tmp_path / "missing")
+    (tmp_path / "one" / "normal").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no labelled images"):
+        read_dataset(tmp_path / "one")
+    (tmp_path / "one" / "normal" / "a.png").write_bytes(b"x")
+    recs = read_class_folders(tmp_path / "one")
+    assert recs == [
+        LabeledImage(tmp_path / "one" / "normal" / "a.png", "normal", "file:normal/a.png")
+    ]
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("filename,patient_id\na.png,1\n")
+    with pytest.raises(ValueError, match="missing columns"):
+        read_dataset(csv_path)
+
+
+def test_unreadable_training_image_is_reported(synthetic_dataset: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = (synthetic_dataset / "labels.csv").read_text().splitlines()
+    rows = [lines[0]] + [
+        ",".join([str(synthetic_dataset / line.split(",")[0])] + line.split(",")[1:])
+        for line in lines[1:]
+    ]
+    (data / "broken.png").write_bytes(b"garbage")
+    rows.append("broken.png,normal,PX")
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match="unreadable images.*broken.png"):
+        train(_config(data, tmp_path, epochs=1))
