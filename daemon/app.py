@@ -234,6 +234,7 @@ class Radflag:
         self._stopped.set()
         if self._started:
             self.listener.stop(grace_s=self.settings.listener.shutdown_grace_s)
+            self.scheduler.pause()  # no new job runs from here on (avoids a submit-after-shutdown race)
             self.scheduler.shutdown(wait=True)
             if not self.worker.stop(timeout_s=max(30.0, self.settings.listener.shutdown_grace_s)):
                 log.warning("worker still busy at shutdown; its study goes back to the queue")
