@@ -27,12 +27,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from daemon.delivery import deliver_due
 from daemon.models import LoadedModel, load_models
 from daemon.pipeline import StudyProcessor
+from daemon.retention import purge_spool
 from daemon.settings import Settings
 from daemon.sink import DatabaseSink
 from daemon.worker import Worker
+from db.admin_models import ModelIdentity, record_models_in_use
 from db.audit import AuditEventType, audit
 from db.engine import make_engine, make_session_factory
 from db.ingest import PatientIdPolicy
+from db.models import utcnow
 from db.queue import expire_leases, mark_ready, release_own_leases
 from db.schema import ensure_schema
 from dicom_io.scp import Listener, ListenerConfig, ListenerEventKind
@@ -119,11 +122,16 @@ class Radflag:
                 acse_timeout_s=lst.acse_timeout_s,
                 dimse_timeout_s=lst.dimse_timeout_s,
                 network_timeout_s=lst.network_timeout_s,
+                min_free_bytes=lst.min_free_disk_mb * 1024 * 1024,
+                tls=lst.tls.to_server_tls(),
             ),
             self.spool,
             DatabaseSink(self.sessions, policy),
             on_event=self.on_listener_event,
         )
+        tls_names = [d.name for d in settings.destinations if d.tls]
+        client_tls = settings.delivery.tls.to_client_tls().context() if tls_names else None
+        self._delivery_tls = {name: client_tls for name in tls_names if client_tls is not None}
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._stopped = threading.Event()
         self._started = False
@@ -165,7 +173,11 @@ class Radflag:
 
     def deliver(self) -> None:
         """Scheduled: send due outbox entries."""
-        deliver_due(self.sessions, self.settings.delivery)
+        deliver_due(self.sessions, self.settings.delivery, self._delivery_tls)
+
+    def purge_spool(self) -> None:
+        """Scheduled: purge old pixel data of finished studies (``[retention]``)."""
+        purge_spool(self.sessions, self.spool.root, self.settings.retention)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -191,6 +203,18 @@ class Radflag:
                     "destinations": [d.name for d in self.settings.destinations],
                 },
             )
+        record_models_in_use(
+            self.sessions,
+            [
+                ModelIdentity(
+                    name=m.bundle.card.name,
+                    version=m.bundle.card.version,
+                    weights_sha256=m.bundle.card.weights_sha256,
+                    card=m.bundle.card.model_dump(mode="json"),
+                )
+                for m in self.models
+            ],
+        )
         comp = self.settings.completion
         self.scheduler.add_job(
             self.complete_studies,
@@ -208,6 +232,16 @@ class Radflag:
             max_instances=1,
             coalesce=True,
         )
+        if self.settings.retention.enabled:
+            self.scheduler.add_job(
+                self.purge_spool,
+                "interval",
+                seconds=self.settings.retention.check_interval_s,
+                id="retention",
+                max_instances=1,
+                coalesce=True,
+                next_run_time=utcnow(),
+            )
         self.scheduler.start()
         self.worker.start()
         self.listener.start()
@@ -234,7 +268,8 @@ class Radflag:
         self._stopped.set()
         if self._started:
             self.listener.stop(grace_s=self.settings.listener.shutdown_grace_s)
-            self.scheduler.pause()  # no new job runs from here on (avoids a submit-after-shutdown race)
+            # No new job from here on (avoids APScheduler's submit-after-shutdown race).
+            self.scheduler.pause()
             self.scheduler.shutdown(wait=True)
             if not self.worker.stop(timeout_s=max(30.0, self.settings.listener.shutdown_grace_s)):
                 log.warning("worker still busy at shutdown; its study goes back to the queue")

@@ -108,9 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     up = with_config(db_sub.add_parser("upgrade", help="apply schema migrations"))
     up.set_defaults(func=_cmd_db_upgrade)
 
+    from daemon.admin_cli import register as register_admin
     from model.cli import register as register_model
 
+    register_admin(sub, studies=studies)
     register_model(sub)
+    from daemon.outbox_cli import register as register_outbox
+
+    register_outbox(sub)
     return parser
 
 

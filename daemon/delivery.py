@@ -1,8 +1,16 @@
-"""The outbox sender: C-STOREs due result objects to their destinations, with backoff."""
+"""The outbox sender: C-STOREs due result objects to their destinations, with backoff.
+
+A destination that refuses Comprehensive 3D SR Storage (no accepted presentation context, or
+status 0x0122) gets the same report as Comprehensive SR (PS3.3 A.35.3): the refused attempt is
+recorded, the entry is pointed at the converted file and is due again at once.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import ssl
+from collections.abc import Mapping
 from pathlib import Path
 
 from pydicom import dcmread
@@ -10,8 +18,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.settings import DeliverySettings
 from db.models import utcnow
-from db.outbox import BackoffPolicy, DeliveryState, due_deliveries, record_attempt
+from db.outbox import (
+    BackoffPolicy,
+    DeliveryState,
+    DueDelivery,
+    due_deliveries,
+    record_attempt,
+    replace_payload,
+)
 from dicom_io.scu import Destination, SendError, send_datasets
+from dicom_io.sr import SRStorageClass, as_comprehensive_sr
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +41,15 @@ def backoff_policy(settings: DeliverySettings) -> BackoffPolicy:
     )
 
 
-def deliver_due(sessions: sessionmaker[Session], settings: DeliverySettings) -> dict[str, int]:
+def deliver_due(
+    sessions: sessionmaker[Session],
+    settings: DeliverySettings,
+    tls_contexts: Mapping[str, ssl.SSLContext] | None = None,
+) -> dict[str, int]:
     """Try every due outbox entry once; return counts by resulting state.
+
+    ``tls_contexts`` maps destination names to the client TLS context their sends use
+    (destinations with ``tls = true``); the others are sent over plain TCP.
 
     Each attempt and its outcome is recorded (``delivery_attempts``, audit log). A refused or
     unreachable destination is retried with exponential backoff; a missing payload file is a
@@ -37,6 +60,7 @@ def deliver_due(sessions: sessionmaker[Session], settings: DeliverySettings) -> 
     for due in due_deliveries(sessions):
         started = utcnow()
         ok, error, retryable = False, None, True
+        fallback: tuple[str, str] | None = None
         try:
             ds = dcmread(Path(due.payload_path))
             send_datasets(
@@ -44,10 +68,15 @@ def deliver_due(sessions: sessionmaker[Session], settings: DeliverySettings) -> 
                 [ds],
                 calling_ae=settings.calling_ae_title,
                 timeout_s=settings.timeout_s,
+                ssl_context=(tls_contexts or {}).get(due.destination),
             )
             ok = True
         except SendError as exc:
             error, retryable = str(exc), exc.retryable
+            fallback = _comprehensive_fallback(due, exc)
+            if fallback is not None:
+                error = f"{error}; falling back to Comprehensive SR {fallback[0]}"
+                retryable = True
         except FileNotFoundError as exc:
             error, retryable = f"result file missing: {exc.filename}", False
         except Exception as exc:  # noqa: BLE001 - recorded as a retryable failure
@@ -61,6 +90,13 @@ def deliver_due(sessions: sessionmaker[Session], settings: DeliverySettings) -> 
             retryable=retryable,
             policy=policy,
         )
+        if fallback is not None and state is DeliveryState.PENDING:
+            replace_payload(
+                sessions,
+                due.delivery_id,
+                payload_path=fallback[1],
+                sop_instance_uid=fallback[0],
+            )
         counts[state.value] = counts.get(state.value, 0) + 1
         level = logging.INFO if state is DeliveryState.SENT else logging.WARNING
         log.log(
@@ -76,3 +112,30 @@ def deliver_due(sessions: sessionmaker[Session], settings: DeliverySettings) -> 
             },
         )
     return counts
+
+
+def _comprehensive_fallback(due: DueDelivery, exc: SendError) -> tuple[str, str] | None:
+    """Write the Comprehensive SR variant of a refused 3D SR; return ``(sop_uid, path)``."""
+    if exc.refused_sop_class != SRStorageClass.COMPREHENSIVE_3D.value or due.kind != "SR":
+        return None
+    try:
+        original = dcmread(Path(due.payload_path))
+        converted = as_comprehensive_sr(original)
+        sop_uid = str(converted.SOPInstanceUID)
+        target = Path(due.payload_path).with_name(f"{sop_uid}.dcm")
+        tmp = target.with_suffix(".tmp")
+        converted.save_as(tmp, enforce_file_format=True)
+        with tmp.open("rb+") as fh:
+            os.fsync(fh.fileno())
+        tmp.replace(target)
+    except (OSError, ValueError) as conversion_error:
+        log.error(
+            "cannot convert the SR for a destination that refuses Comprehensive 3D SR",
+            extra={"destination": due.destination, "error": str(conversion_error)},
+        )
+        return None
+    log.warning(
+        "destination refuses Comprehensive 3D SR; sending Comprehensive SR instead",
+        extra={"destination": due.destination, "sop_instance_uid": sop_uid},
+    )
+    return sop_uid, str(target)

@@ -9,17 +9,22 @@ in FAILED / NOT_APPLICABLE with the reason; anything unexpected is retried by th
 from __future__ import annotations
 
 import contextlib
+import enum
+import importlib
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.models import LoadedModel
-from daemon.settings import Settings
+from daemon.settings import TRANSFER_SYNTAXES, Settings
 from db.queue import (
     ClaimedInstance,
     ClaimedStudy,
@@ -28,7 +33,7 @@ from db.queue import (
     finish_not_applicable,
     retry_later,
 )
-from db.results import OutputRecord, ResultRecord, record_classification
+from db.results import OutputRecord, ResultRecord, record_classification, study_sender
 from dicom_io.reader import (
     DecodedImage,
     DecodeError,
@@ -37,10 +42,17 @@ from dicom_io.reader import (
     read_header,
     read_image,
 )
+from dicom_io.render import window_to_uint8
+from dicom_io.sc import build_heatmap_sc, encode_in
 from dicom_io.select import select_images
 from dicom_io.spool import Spool
-from dicom_io.sr import AlgorithmInfo, FindingResult, build_sr, result_uids
-from model.bundle import ModelCard, ModelIdentity
+from dicom_io.sr import (
+    AlgorithmInfo,
+    FindingResult,
+    as_comprehensive_sr,
+    build_sr,
+    result_uids,
+)
 from model.infer import aggregate_study
 from model.pixels import PixelMeta
 
@@ -68,6 +80,78 @@ def to_pixel_meta(image: DecodedImage) -> PixelMeta:
         voi_lut_function=image.voi_lut_function,
         bits_stored=image.bits_stored,
         pixel_spacing_mm=image.pixel_spacing_mm,
+    )
+
+
+class SRVariant(enum.StrEnum):
+    """SR documents radflag may queue for a destination."""
+
+    COMPREHENSIVE = "COMPREHENSIVE"
+
+
+class _Payloads:
+    """Result objects of one model on one study, written once per encoding a destination needs.
+
+    The canonical file (Explicit VR Little Endian; the SR as Comprehensive 3D SR) lies at
+    ``results/<study>/<series>/<sop>.dcm``; other encodings next to it with a suffix.
+    """
+
+    def __init__(self, results: Spool, study_uid: str) -> None:
+        self._results = results
+        self._study_uid = study_uid
+        self._objects: dict[str, Dataset] = {}
+        self._written: dict[tuple[str, str | None, str], tuple[str, Path]] = {}
+
+    def add(self, kind: str, ds: Dataset) -> None:
+        self._objects[kind] = ds
+        self.variant(kind, None, ExplicitVRLittleEndian)
+
+    def variant(
+        self, kind: str, sr_variant: SRVariant | None, syntax: str
+    ) -> tuple[str, Path] | None:
+        """Return ``(sop_instance_uid, path)`` of an encoding, writing it on first use."""
+        base = self._objects.get(kind)
+        if base is None:
+            return None
+        if kind == "SR" and syntax != ImplicitVRLittleEndian:
+            syntax = ExplicitVRLittleEndian  # an SR has no pixels to compress
+        cache_key = (kind, sr_variant, syntax)
+        if cache_key in self._written:
+            return self._written[cache_key]
+        ds = as_comprehensive_sr(base) if sr_variant is SRVariant.COMPREHENSIVE else base
+        encoded = ds if syntax == ExplicitVRLittleEndian else encode_in(ds, syntax)
+        series_uid, sop_uid = str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+        path = self._results.path_for(self._study_uid, series_uid, sop_uid)
+        if syntax != ExplicitVRLittleEndian:
+            path = path.with_name(f"{sop_uid}.{UID(syntax).keyword or syntax}.dcm")
+        self._results.write(encoded, encoded.file_meta, path)
+        self._written[cache_key] = (sop_uid, path)
+        return self._written[cache_key]
+
+
+def _explain(
+    loaded: LoadedModel, pixels: npt.NDArray[Any], meta: PixelMeta
+) -> npt.NDArray[np.float32] | None:
+    """Return the model's heatmap of one image (``Classifier.explain``), or None if it has none."""
+    explain = getattr(loaded.classifier, "explain", None)
+    if explain is None:
+        return None
+    (explanation,) = explain([(pixels, meta)])
+    return np.asarray(explanation.heatmap, dtype=np.float32)
+
+
+def _display(image: DecodedImage, meta: PixelMeta) -> npt.NDArray[np.uint8]:
+    """Return the image as a viewer shows it: ``model.preprocess.to_display`` when available."""
+    to_display = getattr(importlib.import_module("model.preprocess"), "to_display", None)
+    if to_display is not None:
+        return np.asarray(to_display(image.pixels, meta), dtype=np.uint8)
+    return window_to_uint8(
+        image.pixels,
+        rescale_slope=image.rescale_slope,
+        rescale_intercept=image.rescale_intercept,
+        window_center=image.window_center,
+        window_width=image.window_width,
+        invert=image.photometric == "MONOCHROME1",
     )
 
 
@@ -168,8 +252,13 @@ class StudyProcessor:
         decode_ms = (time.perf_counter() - t_decode) * 1000
 
         records: list[ResultRecord] = []
+        problems: dict[str, str] = {}
         for loaded, chosen in plan:
-            records.append(self._classify(claim, loaded, chosen, decoded, decode_ms, t_start))
+            records.append(
+                self._classify(claim, loaded, chosen, decoded, decode_ms, t_start, problems)
+            )
+        if problems:
+            reasons["output_problems"] = problems
         has_outputs = record_classification(self._sessions, claim, records, selection=reasons)
         log.info(
             "study classified",
@@ -195,6 +284,7 @@ class StudyProcessor:
         decoded: dict[str, DecodedImage],
         decode_ms: float,
         t_start: float,
+        problems: dict[str, str],
     ) -> ResultRecord:
         card = loaded.bundle.card
         identity = loaded.bundle.identity
@@ -219,26 +309,46 @@ class StudyProcessor:
         sources: list[Dataset] = [
             read_dataset(Path(s.instance.path), with_pixels=False) for s in chosen
         ]
+        finding = FindingResult(
+            code_value=card.finding.value,
+            code_scheme=card.finding.scheme,
+            code_meaning=card.finding.meaning,
+            probability=probability,
+            present=positive,
+        )
+        algorithm = AlgorithmInfo(
+            name=card.name,
+            version=card.version,
+            manufacturer=card.manufacturer,
+            weights_sha256=identity.weights_sha256,
+            threshold=card.threshold,
+        )
         try:
-            sr = self._build_sr(claim, sources, card, identity, probability, positive)
+            sr = self._build_sr(claim, sources, finding, algorithm)
         except ValueError as exc:
             raise PermanentProcessingError(f"cannot build the SR: {exc}") from exc
         series_uid, sop_uid = str(sr.SeriesInstanceUID), str(sr.SOPInstanceUID)
-        sr_path = self._results.path_for(claim.study_instance_uid, series_uid, sop_uid)
-        self._results.write(sr, sr.file_meta, sr_path)
+        payloads = _Payloads(self._results, claim.study_instance_uid)
+        payloads.add("SR", sr)
         sr_ms = (time.perf_counter() - t_sr) * 1000
-        outputs = tuple(
-            OutputRecord(
-                destination=d.name,
-                ae_title=d.ae_title,
-                host=d.host,
-                port=d.port,
-                kind="SR",
-                sop_instance_uid=sop_uid,
-                payload_path=str(sr_path),
-            )
-            for d in self._settings.destinations
-        )
+
+        t_sc = time.perf_counter()
+        if any("SC" in d.outputs for d in self._settings.destinations):
+            key = max(chosen, key=lambda sel: per_image[sel.header.sop_instance_uid])
+            try:
+                payloads.add(
+                    "SC",
+                    self._build_sc(claim, loaded, key, decoded, sources, finding, algorithm),
+                )
+            except Exception as exc:  # noqa: BLE001 - the SR still goes out; reason audited
+                log.warning(
+                    "heatmap picture not built; the SR is still delivered",
+                    extra={"study_instance_uid": claim.study_instance_uid, "error": str(exc)},
+                )
+                problems[f"{card.name}:SC"] = f"{type(exc).__name__}: {exc}"
+        sc_ms = (time.perf_counter() - t_sc) * 1000
+
+        outputs = self._outputs(claim, payloads, card.name, problems)
         return ResultRecord(
             model_name=identity.name,
             model_version=identity.version,
@@ -253,6 +363,7 @@ class StudyProcessor:
                 "decode": round(decode_ms, 1),
                 "inference": round(infer_ms, 1),
                 "sr": round(sr_ms, 1),
+                "sc": round(sc_ms, 1),
                 "total": round((time.perf_counter() - t_start) * 1000, 1),
             },
             device=str(loaded.device),
@@ -261,32 +372,93 @@ class StudyProcessor:
             outputs=outputs,
         )
 
+    def _outputs(
+        self,
+        claim: ClaimedStudy,
+        payloads: _Payloads,
+        model_name: str,
+        problems: dict[str, str],
+    ) -> tuple[OutputRecord, ...]:
+        """One outbox entry per destination and output kind (PS3.4 B: one C-STORE each)."""
+        records: list[OutputRecord] = []
+        sender: tuple[str | None, str | None] | None = None
+        for dest in self._settings.destinations:
+            ae_title, host = dest.ae_title, dest.host
+            if dest.to_sender:
+                if sender is None:
+                    sender = study_sender(self._sessions, claim.study_id)
+                ae_title = ae_title or (sender[0] or claim.calling_ae or "")
+                host = host or (sender[1] or "")
+                if not ae_title or not host:
+                    problems[f"{model_name}:{dest.name}"] = (
+                        "sender AE title or address unknown; nothing queued for this destination"
+                    )
+                    continue
+            syntax = TRANSFER_SYNTAXES[dest.transfer_syntax]
+            for kind in dest.outputs:
+                if kind == "SR" and dest.sr_sop_class == "comprehensive":
+                    payload = payloads.variant("SR", SRVariant.COMPREHENSIVE, syntax)
+                else:
+                    payload = payloads.variant(kind, None, syntax)
+                if payload is None:
+                    continue  # SC not built: the reason is in ``problems`` (audited)
+                sop_uid, path = payload
+                records.append(
+                    OutputRecord(
+                        destination=dest.name,
+                        ae_title=ae_title,
+                        host=host,
+                        port=dest.port,
+                        kind=kind,
+                        sop_instance_uid=sop_uid,
+                        payload_path=str(path),
+                    )
+                )
+        return tuple(records)
+
     def _build_sr(
         self,
         claim: ClaimedStudy,
         sources: list[Dataset],
-        card: ModelCard,
-        identity: ModelIdentity,
-        probability: float,
-        positive: bool,
+        finding: FindingResult,
+        algorithm: AlgorithmInfo,
     ) -> Dataset:
-        series_uid, sop_uid = result_uids(claim.study_instance_uid, card.name, card.version, "SR")
+        series_uid, sop_uid = result_uids(
+            claim.study_instance_uid, algorithm.name, algorithm.version, "SR"
+        )
         return build_sr(
             sources,
-            FindingResult(
-                code_value=card.finding.value,
-                code_scheme=card.finding.scheme,
-                code_meaning=card.finding.meaning,
-                probability=probability,
-                present=positive,
-            ),
-            AlgorithmInfo(
-                name=card.name,
-                version=card.version,
-                manufacturer=card.manufacturer,
-                weights_sha256=identity.weights_sha256,
-                threshold=card.threshold,
-            ),
+            finding,
+            algorithm,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+        )
+
+    def _build_sc(
+        self,
+        claim: ClaimedStudy,
+        loaded: LoadedModel,
+        key: _Selected,
+        decoded: dict[str, DecodedImage],
+        sources: list[Dataset],
+        finding: FindingResult,
+        algorithm: AlgorithmInfo,
+    ) -> Dataset:
+        """Build the heatmap picture of the study's key image (the one with the top probability)."""
+        image = decoded[key.header.sop_instance_uid]
+        meta = to_pixel_meta(image)
+        heatmap = _explain(loaded, image.pixels, meta)
+        display = _display(image, meta)
+        source = next(ds for ds in sources if str(ds.SOPInstanceUID) == key.header.sop_instance_uid)
+        series_uid, sop_uid = result_uids(
+            claim.study_instance_uid, algorithm.name, algorithm.version, "SC"
+        )
+        return build_heatmap_sc(
+            source,
+            display,
+            heatmap,
+            finding,
+            algorithm,
             series_instance_uid=series_uid,
             sop_instance_uid=sop_uid,
         )

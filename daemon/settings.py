@@ -26,6 +26,10 @@ from pydantic import (
     model_validator,
 )
 
+from dicom_io.peers import parse_peer_rule
+from dicom_io.select import CHEST_BODY_PARTS, NON_FRONTAL_VIEWS, SelectionRules
+from dicom_io.tls import ClientTls, ServerTls
+
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: AE, no backslash/control chars
 
 ENV_PREFIX = "RADFLAG_"
@@ -52,13 +56,46 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ListenerTlsSettings(_Section):
+    """DICOM TLS for the listener (PS3.15 B.9, BCP 195); PEM files."""
+
+    enabled: bool = False
+    cert_file: str = ""
+    key_file: str = ""
+    ca_file: str = ""
+    """CA of the clients; needed to verify client certificates."""
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _complete(self) -> ListenerTlsSettings:
+        if self.enabled and not (self.cert_file and self.key_file):
+            raise ValueError("enabled TLS needs cert_file and key_file")
+        if self.require_client_cert and not self.ca_file:
+            raise ValueError("require_client_cert needs ca_file")
+        return self
+
+    def to_server_tls(self) -> ServerTls | None:
+        """Return the listener's TLS configuration, or None when disabled."""
+        if not self.enabled:
+            return None
+        return ServerTls(
+            cert_file=Path(self.cert_file),
+            key_file=Path(self.key_file),
+            ca_file=Path(self.ca_file) if self.ca_file else None,
+            require_client_cert=self.require_client_cert,
+        )
+
+
 class ListenerSettings(_Section):
     """The DICOM listener (Storage SCP, PS3.4 Annex B)."""
 
     ae_title: AETitle = "RADFLAG"
     host: str = "0.0.0.0"
     port: Port = 11112
-    allowed_calling_aes: list[AETitle] = Field(default_factory=list)
+    allowed_calling_aes: list[str] = Field(default_factory=list)
+    """Entries ``"AE"`` or ``"AE@address-or-network"`` (see ``dicom_io.peers``)."""
+    min_free_disk_mb: int = Field(512, ge=0)
+    tls: ListenerTlsSettings = ListenerTlsSettings()
     max_associations: int = Field(16, ge=1, le=1024)
     max_pdu_bytes: int = Field(4_194_304, ge=0)
     acse_timeout_s: float = Field(30.0, gt=0)
@@ -74,7 +111,7 @@ class ListenerSettings(_Section):
     @field_validator("allowed_calling_aes")
     @classmethod
     def _aes(cls, v: list[str]) -> list[str]:
-        return [validate_ae_title(x) for x in v]
+        return [str(parse_peer_rule(x)) for x in v]
 
 
 class StorageSettings(_Section):
@@ -118,6 +155,31 @@ class WorkerSettings(_Section):
     poll_interval_s: float = Field(1.0, gt=0)
 
 
+class DeliveryTlsSettings(_Section):
+    """Client side of DICOM TLS, used for destinations with ``tls = true``; PEM files."""
+
+    ca_file: str = ""
+    """CA that signed the destinations' certificates; "" = the system trust store."""
+    cert_file: str = ""
+    key_file: str = ""
+    check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _pair(self) -> DeliveryTlsSettings:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file must be given together")
+        return self
+
+    def to_client_tls(self) -> ClientTls:
+        """Return the C-STORE client's TLS configuration."""
+        return ClientTls(
+            ca_file=Path(self.ca_file) if self.ca_file else None,
+            cert_file=Path(self.cert_file) if self.cert_file else None,
+            key_file=Path(self.key_file) if self.key_file else None,
+            check_hostname=self.check_hostname,
+        )
+
+
 class DeliverySettings(_Section):
     """The outbox: retries with exponential backoff."""
 
@@ -127,26 +189,105 @@ class DeliverySettings(_Section):
     backoff_max_s: float = Field(600.0, ge=0)
     check_interval_s: float = Field(2.0, gt=0)
     timeout_s: float = Field(30.0, gt=0)
+    tls: DeliveryTlsSettings = DeliveryTlsSettings()
+
+
+ResultKind = Literal["SR", "SC"]
+"""Result objects: the TID 1500 Structured Report, the heatmap Secondary Capture."""
+
+TRANSFER_SYNTAXES: dict[str, str] = {
+    "explicit_vr_little_endian": "1.2.840.10008.1.2.1",
+    "implicit_vr_little_endian": "1.2.840.10008.1.2",
+    "rle_lossless": "1.2.840.10008.1.2.5",
+    "jpeg2000_lossless": "1.2.840.10008.1.2.4.90",
+    "jpegls_lossless": "1.2.840.10008.1.2.4.80",
+}
+"""Transfer syntaxes a destination may ask for (PS3.5 A.2, A.4); names -> UIDs."""
+
+
+def _default_outputs() -> list[ResultKind]:
+    return ["SR"]
 
 
 class DestinationSettings(_Section):
-    """A DICOM node results are sent to (C-STORE SCP)."""
+    """A DICOM node results are sent to (C-STORE SCP).
+
+    With ``to_sender = true`` the results of a study go back to the AE that sent it: the
+    study's calling AE title and peer address, on ``port`` (``ae_title``/``host``, when
+    given, override them).
+    """
 
     name: str = ""
-    ae_title: AETitle
-    host: str
+    ae_title: str = ""
+    host: str = ""
     port: Annotated[int, Field(ge=1, le=65535)]
+    to_sender: bool = False
+    outputs: list[ResultKind] = Field(default_factory=_default_outputs, min_length=1)
+    """What this destination receives: ``["SR"]``, ``["SC"]`` or ``["SR", "SC"]``."""
+    sr_sop_class: Literal["auto", "comprehensive_3d", "comprehensive"] = "auto"
+    """``auto`` sends Comprehensive 3D SR and falls back to Comprehensive SR if refused."""
+    transfer_syntax: Literal[
+        "explicit_vr_little_endian",
+        "implicit_vr_little_endian",
+        "rle_lossless",
+        "jpeg2000_lossless",
+        "jpegls_lossless",
+    ] = "explicit_vr_little_endian"
+    """Transfer syntax of sent images (SC); SRs use a native syntax (implicit if asked)."""
+    tls: bool = False
+    """Send over DICOM TLS (client settings in ``delivery.tls``)."""
 
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, v: str) -> str:
-        return validate_ae_title(v)
+        return validate_ae_title(v) if v.strip() else ""
+
+    @field_validator("outputs")
+    @classmethod
+    def _outputs(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("outputs must not repeat a kind")
+        return v
 
     @model_validator(mode="after")
     def _default_name(self) -> DestinationSettings:
+        if not self.to_sender and not (self.ae_title and self.host.strip()):
+            raise ValueError("ae_title and host are required unless to_sender = true")
         if not self.name:
-            object.__setattr__(self, "name", f"{self.ae_title}@{self.host}:{self.port}")
+            name = (
+                f"sender:{self.port}"
+                if self.to_sender
+                else f"{self.ae_title}@{self.host}:{self.port}"
+            )
+            object.__setattr__(self, "name", name)
         return self
+
+
+class SelectionSettings(_Section):
+    """Which received images the models apply to (``dicom_io.select``).
+
+    The modalities come from each model card.
+    """
+
+    body_parts: list[str] = Field(default_factory=lambda: sorted(CHEST_BODY_PARTS))
+    allow_missing_body_part: bool = True
+    excluded_view_positions: list[str] = Field(default_factory=lambda: sorted(NON_FRONTAL_VIEWS))
+    view_from_descriptions: bool = True
+    human_only: bool = True
+    exclude_derived_secondary: bool = True
+    require_original: bool = False
+
+    def to_rules(self) -> SelectionRules:
+        """Return the selection rules these settings describe."""
+        return SelectionRules(
+            body_parts=frozenset(self.body_parts),
+            allow_missing_body_part=self.allow_missing_body_part,
+            excluded_view_positions=frozenset(self.excluded_view_positions),
+            view_from_descriptions=self.view_from_descriptions,
+            human_only=self.human_only,
+            exclude_derived_secondary=self.exclude_derived_secondary,
+            require_original=self.require_original,
+        )
 
 
 class ModelSettings(_Section):
@@ -161,6 +302,17 @@ class PrivacySettings(_Section):
     store_patient_id_in_clear: bool = False
     pseudonym_key: str = ""
     """Key of the HMAC used to pseudonymise patient IDs; empty = a key file in the data folder."""
+
+
+class RetentionSettings(_Section):
+    """Purge of spooled pixel data of finished studies (results and audit rows stay)."""
+
+    enabled: bool = True
+    spool_max_age_days: float = Field(30.0, gt=0)
+    """A study's received instances are purged this long after its last one arrived, once the
+    study is DONE, NOT_APPLICABLE or FAILED."""
+    check_interval_s: float = Field(3600.0, gt=0)
+    max_studies_per_run: int = Field(500, ge=1)
 
 
 class LoggingSettings(_Section):
@@ -181,7 +333,9 @@ class Settings(_Section):
     delivery: DeliverySettings = DeliverySettings()
     destinations: list[DestinationSettings] = Field(default_factory=list)
     models: ModelSettings = ModelSettings()
+    selection: SelectionSettings = SelectionSettings()
     privacy: PrivacySettings = PrivacySettings()
+    retention: RetentionSettings = RetentionSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @model_validator(mode="after")

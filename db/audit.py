@@ -40,8 +40,12 @@ class AuditEventType(enum.StrEnum):
     DELIVERY_SENT = "DELIVERY_SENT"
     DELIVERY_DEAD = "DELIVERY_DEAD"
     DELIVERY_RETRIED = "DELIVERY_RETRIED"
+    DELIVERY_DROPPED = "DELIVERY_DROPPED"
+    """An operator removed an outbox entry (``radflag outbox drop``); it will not be sent."""
     STUDY_DONE = "STUDY_DONE"
     STUDY_REPROCESS_REQUESTED = "STUDY_REPROCESS_REQUESTED"
+    INSTANCES_PURGED = "INSTANCES_PURGED"
+    """Retention removed spooled pixel data of a finished study (``instances.purged_at``)."""
 
 
 def audit(

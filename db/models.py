@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -194,8 +195,30 @@ class AuditEvent(Base):
     event_type: Mapped[str] = mapped_column(String(48), index=True)
     actor: Mapped[str] = mapped_column(String(128))
     study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
-    study_instance_uid: Mapped[str | None] = mapped_column(UID)
+    study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
     sop_instance_uid: Mapped[str | None] = mapped_column(UID)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON)
 
     study: Mapped[Study | None] = relationship()
+
+
+class ModelRecord(Base):
+    """A model (name, version, weights) the daemon has loaded, with its card (migration 0002).
+
+    One row per distinct ``(name, version, weights_sha256)``: the same version with other
+    weights is another model.
+    """
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(64))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    card: Mapped[dict[str, Any]] = mapped_column(JSON)
+    first_used_at: Mapped[datetime]
+    last_used_at: Mapped[datetime]
+
+    __table_args__ = (
+        UniqueConstraint("name", "version", "weights_sha256", name="uq_models_identity"),
+    )

@@ -1,8 +1,17 @@
-"""The delivery outbox: due entries, attempts with exponential backoff, dead letters."""
+"""The delivery outbox: due entries, attempts with exponential backoff, dead letters.
+
+One entry per (result object, destination). The scheduled sender (``daemon.delivery``) takes
+due PENDING entries, records every attempt, retries after ``base * 2**(n-1)`` seconds and
+gives up after ``max_attempts`` (DEAD, the study DELIVERY_FAILED). Operators list, retry and
+drop entries (``radflag outbox``). Result objects carry deterministic UIDs, so a re-sent
+object replaces the earlier copy at the PACS: delivery is at-least-once on the wire and
+exactly-once as the PACS sees it.
+"""
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -226,3 +235,191 @@ def pending_count(sessions: sessionmaker[Session]) -> int:
             )
             or 0
         )
+
+
+def replace_payload(
+    sessions: sessionmaker[Session],
+    delivery_id: int,
+    *,
+    payload_path: str,
+    sop_instance_uid: str,
+) -> bool:
+    """Point a PENDING entry at another object (e.g. a Comprehensive SR fallback), due now.
+
+    Returns
+    -------
+    bool
+        False when the entry is no longer PENDING (nothing changed).
+    """
+    with sessions.begin() as session:
+        d = session.scalars(
+            select(Delivery).where(Delivery.id == delivery_id).with_for_update()
+        ).one()
+        if d.state != DeliveryState.PENDING.value:
+            return False
+        d.payload_path = payload_path
+        d.sop_instance_uid = sop_instance_uid
+        d.next_attempt_at = utcnow()
+        return True
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """One outbox entry as ``radflag outbox list`` shows it."""
+
+    delivery_id: int
+    study_instance_uid: str
+    destination: str
+    kind: str
+    sop_instance_uid: str
+    state: str
+    attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    created_at: datetime
+    sent_at: datetime | None
+
+
+def list_deliveries(
+    sessions: sessionmaker[Session],
+    *,
+    states: Sequence[DeliveryState] | None = None,
+    study_instance_uid: str | None = None,
+    limit: int = 100,
+) -> list[OutboxEntry]:
+    """Return outbox entries, newest first, optionally filtered by state and study."""
+    query = select(Delivery, Study.study_instance_uid).join(Study, Study.id == Delivery.study_id)
+    if states:
+        query = query.where(Delivery.state.in_([s.value for s in states]))
+    if study_instance_uid:
+        query = query.where(Study.study_instance_uid == study_instance_uid)
+    with sessions() as session:
+        rows = session.execute(query.order_by(Delivery.id.desc()).limit(limit)).all()
+        return [
+            OutboxEntry(
+                delivery_id=d.id,
+                study_instance_uid=uid,
+                destination=d.destination,
+                kind=d.kind,
+                sop_instance_uid=d.sop_instance_uid,
+                state=d.state,
+                attempts=d.attempts,
+                next_attempt_at=d.next_attempt_at,
+                last_error=d.last_error,
+                created_at=d.created_at,
+                sent_at=d.sent_at,
+            )
+            for d, uid in rows
+        ]
+
+
+class OutboxChangeRefused(ValueError):
+    """An operator asked for a change the entry's state does not allow (message says why)."""
+
+
+def retry_deliveries(
+    sessions: sessionmaker[Session], delivery_ids: Sequence[int], *, actor: str = "cli"
+) -> list[int]:
+    """Make DEAD (or waiting PENDING) entries due now with a fresh attempt budget.
+
+    A DELIVERY_FAILED study goes back to DELIVERING (event DELIVERY_RETRIED). The attempt
+    history stays in ``delivery_attempts``. All entries change, or none.
+
+    Raises
+    ------
+    OutboxChangeRefused
+        If an id is unknown or the entry is SENT or CANCELLED (a superseded result must not
+        be re-sent over its replacement).
+    """
+    now = utcnow()
+    with sessions.begin() as session:
+        entries = _lock_entries(session, delivery_ids)
+        for d in entries:
+            if d.state not in (DeliveryState.DEAD.value, DeliveryState.PENDING.value):
+                raise OutboxChangeRefused(f"entry {d.id} is {d.state}; only DEAD/PENDING retry")
+        for d in entries:
+            study = session.scalars(
+                select(Study).where(Study.id == d.study_id).with_for_update()
+            ).one()
+            previous = d.state
+            d.state = DeliveryState.PENDING.value
+            d.attempts = 0
+            d.next_attempt_at = now
+            audit(
+                session,
+                AuditEventType.DELIVERY_RETRIED,
+                actor=actor,
+                study=study,
+                sop_instance_uid=d.sop_instance_uid,
+                at=now,
+                detail={"delivery_id": d.id, "destination": d.destination, "was": previous},
+            )
+            if study.state == StudyState.DELIVERY_FAILED.value:
+                transition(
+                    session,
+                    study,
+                    StudyEvent.DELIVERY_RETRIED,
+                    audit_type=AuditEventType.DELIVERY_RETRIED,
+                    actor=actor,
+                    now=now,
+                    detail={"delivery_id": d.id},
+                )
+                study.failure_reason = None
+        return [d.id for d in entries]
+
+
+def drop_deliveries(
+    sessions: sessionmaker[Session], delivery_ids: Sequence[int], *, actor: str = "cli"
+) -> list[int]:
+    """Cancel PENDING or DEAD entries for good (audited as DELIVERY_DROPPED).
+
+    A DELIVERING study whose last open entry is dropped becomes DONE; a DELIVERY_FAILED study
+    stays DELIVERY_FAILED (the failure happened; the drop is in the audit trail). All entries
+    change, or none.
+
+    Raises
+    ------
+    OutboxChangeRefused
+        If an id is unknown or the entry is already SENT or CANCELLED.
+    """
+    now = utcnow()
+    with sessions.begin() as session:
+        entries = _lock_entries(session, delivery_ids)
+        for d in entries:
+            if d.state not in (DeliveryState.DEAD.value, DeliveryState.PENDING.value):
+                raise OutboxChangeRefused(f"entry {d.id} is {d.state}; only DEAD/PENDING drop")
+        for d in entries:
+            study = session.scalars(
+                select(Study).where(Study.id == d.study_id).with_for_update()
+            ).one()
+            previous = d.state
+            d.state = DeliveryState.CANCELLED.value
+            d.next_attempt_at = None
+            d.last_error = f"dropped by {actor}" + (f" ({d.last_error})" if d.last_error else "")
+            audit(
+                session,
+                AuditEventType.DELIVERY_DROPPED,
+                actor=actor,
+                study=study,
+                sop_instance_uid=d.sop_instance_uid,
+                at=now,
+                detail={"delivery_id": d.id, "destination": d.destination, "was": previous},
+            )
+            session.flush()
+            _maybe_finish_study(session, study, now, actor)
+        return [d.id for d in entries]
+
+
+def _lock_entries(session: Session, delivery_ids: Sequence[int]) -> list[Delivery]:
+    wanted = sorted(set(delivery_ids))
+    if not wanted:
+        raise OutboxChangeRefused("no outbox entry ids given")
+    entries = list(
+        session.scalars(
+            select(Delivery).where(Delivery.id.in_(wanted)).order_by(Delivery.id).with_for_update()
+        ).all()
+    )
+    missing = sorted(set(wanted) - {d.id for d in entries})
+    if missing:
+        raise OutboxChangeRefused(f"no outbox entry with id {', '.join(map(str, missing))}")
+    return entries

@@ -1,14 +1,21 @@
-"""Read-only queries for the admin tools (``radflag studies``)."""
+"""Read-only queries for the admin tools (``radflag studies``, ``radflag audit``).
+
+Nothing here writes: every function opens its own session and returns plain frozen
+dataclasses (or detached rows), so the CLI and the HTTP API can format them freely.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.audit import AuditEventType
 from db.models import AuditEvent, Result, Study
+from db.states import StudyState
 
 
 @dataclass(frozen=True)
@@ -74,3 +81,188 @@ def audit_trail(sessions: sessionmaker[Session], study_instance_uid: str) -> lis
                 .order_by(AuditEvent.at, AuditEvent.id)
             ).all()
         )
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    """Filters of ``radflag audit``; every filter left at None matches everything.
+
+    Filters about a study (``calling_ae``, ``study_instance_uid``, ``state`` and the result
+    filters) keep only events that concern a study, except that ``calling_ae`` also matches
+    events of the listener without a study (a rejected association, ``scp:<AE>@<host>``).
+    The result filters (``finding``, ``positive``, ``model_name``, ``model_version``) keep the
+    events of studies that have one result row (current or superseded) matching all of them.
+
+    Attributes
+    ----------
+    since, until
+        Half-open time range ``[since, until)`` on the event time (aware datetimes).
+    event_types
+        Event types to keep (any of them).
+    calling_ae
+        AE title of the sender (PS3.8 9.3.2: Calling AE Title).
+    study_instance_uid
+        One study.
+    finding
+        Code value or code meaning of the finding, case-insensitive (``233604007`` or
+        ``pneumonia``).
+    positive
+        Decision of the result: True positive, False negative.
+    model_name, model_version
+        Model identity of the result.
+    state
+        Current state of the study.
+    limit
+        Most rows returned (the newest ones when ``newest_first``).
+    newest_first
+        Order newest first instead of oldest first.
+    """
+
+    since: datetime | None = None
+    until: datetime | None = None
+    event_types: tuple[AuditEventType, ...] = field(default_factory=tuple)
+    calling_ae: str | None = None
+    study_instance_uid: str | None = None
+    finding: str | None = None
+    positive: bool | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+    state: StudyState | None = None
+    limit: int = 1000
+    newest_first: bool = False
+
+    def __post_init__(self) -> None:
+        if self.limit < 1:
+            raise ValueError(f"limit must be at least 1, got {self.limit}")
+        for name in ("since", "until"):
+            value = getattr(self, name)
+            if value is not None and value.tzinfo is None:
+                raise ValueError(f"{name} must be timezone-aware")
+        if self.since and self.until and self.since >= self.until:
+            raise ValueError("since must be earlier than until")
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One audit event with the current state and sender of its study."""
+
+    id: int
+    at: datetime
+    event_type: str
+    actor: str
+    study_instance_uid: str | None
+    sop_instance_uid: str | None
+    study_state: str | None
+    calling_ae: str | None
+    detail: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready mapping (ISO 8601 times)."""
+        return {
+            "id": self.id,
+            "at": self.at.isoformat(),
+            "event_type": self.event_type,
+            "actor": self.actor,
+            "study_instance_uid": self.study_instance_uid,
+            "sop_instance_uid": self.sop_instance_uid,
+            "study_state": self.study_state,
+            "calling_ae": self.calling_ae,
+            "detail": self.detail,
+        }
+
+
+def _escape_like(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _audit_conditions(q: AuditQuery) -> list[ColumnElement[bool]]:
+    conds: list[ColumnElement[bool]] = []
+    if q.since is not None:
+        conds.append(AuditEvent.at >= q.since)
+    if q.until is not None:
+        conds.append(AuditEvent.at < q.until)
+    if q.event_types:
+        conds.append(AuditEvent.event_type.in_([t.value for t in q.event_types]))
+    if q.study_instance_uid is not None:
+        conds.append(AuditEvent.study_instance_uid == q.study_instance_uid)
+    if q.calling_ae is not None:
+        actor_prefix = f"scp:{_escape_like(q.calling_ae)}@%"
+        conds.append(
+            or_(
+                Study.calling_ae == q.calling_ae,
+                and_(Study.id.is_(None), AuditEvent.actor.like(actor_prefix, escape="\\")),
+            )
+        )
+    if q.state is not None:
+        conds.append(Study.state == q.state.value)
+    result_conds: list[ColumnElement[bool]] = []
+    if q.finding is not None:
+        needle = q.finding.strip().lower()
+        result_conds.append(
+            or_(
+                Result.finding_code == q.finding.strip(),
+                func.lower(Result.finding_meaning) == needle,
+            )
+        )
+    if q.positive is not None:
+        result_conds.append(Result.positive.is_(q.positive))
+    if q.model_name is not None:
+        result_conds.append(Result.model_name == q.model_name)
+    if q.model_version is not None:
+        result_conds.append(Result.model_version == q.model_version)
+    if result_conds:
+        conds.append(exists().where(Result.study_id == Study.id, *result_conds))
+    return conds
+
+
+def search_audit(sessions: sessionmaker[Session], query: AuditQuery) -> list[AuditRow]:
+    """Return the audit events matching ``query`` (``radflag audit``).
+
+    Events are joined to their study by ``study_id`` or, for events written before the study
+    row existed (a duplicate of a known instance), by Study Instance UID.
+
+    Parameters
+    ----------
+    sessions
+        Session factory of the radflag database.
+    query
+        The filters.
+
+    Returns
+    -------
+    list of AuditRow
+        Oldest first (or newest first when ``query.newest_first``), at most ``query.limit``.
+    """
+    join_on = or_(
+        Study.id == AuditEvent.study_id,
+        and_(
+            AuditEvent.study_id.is_(None),
+            AuditEvent.study_instance_uid.is_not(None),
+            Study.study_instance_uid == AuditEvent.study_instance_uid,
+        ),
+    )
+    stmt = select(AuditEvent, Study.state, Study.calling_ae).outerjoin(Study, join_on)
+    conds = _audit_conditions(query)
+    if conds:
+        stmt = stmt.where(*conds)
+    order = (
+        (AuditEvent.at.desc(), AuditEvent.id.desc())
+        if query.newest_first
+        else (AuditEvent.at, AuditEvent.id)
+    )
+    stmt = stmt.order_by(*order).limit(query.limit)
+    with sessions() as session:
+        return [
+            AuditRow(
+                id=ev.id,
+                at=ev.at,
+                event_type=ev.event_type,
+                actor=ev.actor,
+                study_instance_uid=ev.study_instance_uid,
+                sop_instance_uid=ev.sop_instance_uid,
+                study_state=state,
+                calling_ae=calling_ae,
+                detail=dict(ev.detail or {}),
+            )
+            for ev, state, calling_ae in session.execute(stmt).all()
+        ]

@@ -9,7 +9,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.audit import AuditEventType, audit
-from db.models import Delivery, Result, utcnow
+from db.models import Delivery, Instance, Result, utcnow
 from db.outbox import DeliveryState
 from db.queue import ClaimedStudy, load_leased, release_lease, transition
 from db.states import StudyEvent
@@ -201,3 +201,18 @@ def record_classification(
             )
             return False
         return True
+
+
+def study_sender(sessions: sessionmaker[Session], study_id: int) -> tuple[str | None, str | None]:
+    """Return ``(calling AE title, peer host)`` of the last instance received for a study.
+
+    Used to send results back to the sender's AE. ``(None, None)`` when unknown.
+    """
+    with sessions() as session:
+        row = session.execute(
+            select(Instance.calling_ae, Instance.peer_host)
+            .where(Instance.study_id == study_id)
+            .order_by(Instance.received_at.desc(), Instance.id.desc())
+            .limit(1)
+        ).first()
+        return (None, None) if row is None else (row[0], row[1])

@@ -4,7 +4,13 @@ Pixel data in any transfer syntax of PS3.5 section 8 / Annex A (native, deflated
 JPEG-LS, JPEG 2000, RLE) is decoded by pydicom's pixel backends (pylibjpeg plugins, Pillow).
 Only the first frame is decoded. Values are returned as stored: the Modality LUT (rescale,
 PS3.3 C.11.1) and VOI LUT (window, PS3.3 C.11.2) are *not* applied but their parameters are
-returned so the model's preprocessing can apply them.
+returned so the model's preprocessing can apply them. Bits Stored smaller than Bits Allocated
+and signed pixels (Pixel Representation 1) are handled by the decoder (masked and sign
+extended, PS3.5 8.1.1); YBR colour is converted to RGB.
+
+Files without the PS3.10 preamble and File Meta Information -- old ACR-NEMA style data sets,
+or data sets written raw -- are read too: the transfer syntax is taken from the encoding the
+parser detected (implicit/explicit VR, little/big endian; PS3.5 Annex A.1-A.3).
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ from typing import Any
 
 import numpy as np
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_color_lut
 from pydicom.pixels.utils import pixel_array
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_io.uids import clean_uid
 
@@ -48,7 +56,11 @@ class ImageHeader:
     """Header fields used for image selection (no pixel data read).
 
     Text fields are upper-cased and stripped; ``path`` is the file read (None when built
-    elsewhere).
+    elsewhere). ``species`` is Patient Species Description (0010,2201) or the meaning of
+    Patient Species Code Sequence (0010,2202) -- absent for human patients (PS3.3 C.7.1.1);
+    ``descriptions`` are the free-text acquisition descriptions (Protocol Name, Acquisition
+    Device Processing Description, Series/Study Description, Performed Protocol Code
+    meanings) used by the selection rules to spot veterinary or lateral acquisitions.
     """
 
     sop_instance_uid: str
@@ -69,6 +81,8 @@ class ImageHeader:
     instance_number: int | None
     transfer_syntax_uid: str | None
     path: Path | None = None
+    species: str | None = None
+    descriptions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -150,13 +164,75 @@ def _spacing(ds: Dataset) -> tuple[float, float] | None:
     return None
 
 
+_DESCRIPTION_KEYWORDS = (
+    "ProtocolName",
+    "AcquisitionDeviceProcessingDescription",
+    "SeriesDescription",
+    "StudyDescription",
+)
+
+
+def _encoding_transfer_syntax(ds: Dataset) -> str | None:
+    """Transfer syntax of a data set read without File Meta Information (PS3.5 A.1-A.3)."""
+    encoding = getattr(ds, "original_encoding", None)
+    if not encoding or encoding[0] is None:
+        return None
+    implicit_vr, little_endian = encoding
+    if implicit_vr:
+        return str(ImplicitVRLittleEndian) if little_endian else None
+    return str(ExplicitVRLittleEndian) if little_endian else str(ExplicitVRBigEndian)
+
+
 def _read(path: Path, *, stop_before_pixels: bool) -> Dataset:
     try:
         return dcmread(path, stop_before_pixels=stop_before_pixels)
     except OSError:
         raise
-    except Exception as exc:  # InvalidDicomError, EOFError, struct/value errors...
+    except InvalidDicomError:
+        return _read_without_meta(path, stop_before_pixels=stop_before_pixels)
+    except Exception as exc:  # EOFError, struct/value errors...
         raise DecodeError(f"not a readable DICOM file: {exc}", path) from exc
+
+
+def _read_without_meta(path: Path, *, stop_before_pixels: bool) -> Dataset:
+    """Read an ACR-NEMA style data set (no preamble, no File Meta Information)."""
+    try:
+        ds = dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+        if "SOPClassUID" not in ds and "SOPInstanceUID" not in ds:
+            raise DecodeError("not DICOM: no preamble, no File Meta and no SOP UIDs", path)
+    except (DecodeError, OSError):
+        raise
+    except Exception as exc:
+        raise DecodeError(f"not a readable DICOM file: {exc}", path) from exc
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = FileMetaDataset()
+        ds.file_meta = meta
+    if "TransferSyntaxUID" not in meta:
+        syntax = _encoding_transfer_syntax(ds)
+        if syntax is None:
+            raise DecodeError("data set without File Meta in an unknown encoding", path)
+        meta.TransferSyntaxUID = syntax
+    logger.debug("read a data set without File Meta Information", extra={"path": str(path)})
+    return ds
+
+
+def _species(ds: Dataset) -> str | None:
+    text = _text(ds, "PatientSpeciesDescription")
+    if text:
+        return text
+    for item in ds.get("PatientSpeciesCodeSequence") or []:
+        meaning = _text(item, "CodeMeaning")
+        if meaning:
+            return meaning
+    return None
+
+
+def _descriptions(ds: Dataset) -> tuple[str, ...]:
+    texts = [_text(ds, keyword) for keyword in _DESCRIPTION_KEYWORDS]
+    for item in ds.get("PerformedProtocolCodeSequence") or []:
+        texts.append(_text(item, "CodeMeaning"))
+    return tuple(t for t in texts if t)
 
 
 def read_header(path: Path) -> ImageHeader:
@@ -222,6 +298,8 @@ def read_header(path: Path) -> ImageHeader:
             series_number=_int(ds, "SeriesNumber"),
             instance_number=_int(ds, "InstanceNumber"),
             transfer_syntax_uid=None if transfer_syntax is None else str(transfer_syntax),
+            species=_species(ds),
+            descriptions=_descriptions(ds),
         )
     except DecodeError:
         raise

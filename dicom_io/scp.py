@@ -18,11 +18,17 @@ C-STORE handling, in order (:func:`handle_store`):
    exist before: a duplicate never loses the original) and the answer is ``0xA700``;
 5. ``0x0000``.
 
-Association policy: calling AE titles outside ``allowed_calling_aes`` are rejected
-(rejected-permanent, service-user, reason 3); a called AE title other than ours is rejected
-(reason 7); above ``max_associations`` concurrent associations new ones are rejected
-(rejected-transient, service-provider presentation, reason 2). Unsupported SOP classes are
-refused at presentation-context negotiation.
+Before step 3 the free space of the spool's file system is checked: below
+``min_free_bytes`` (plus the size of the data set) the answer is ``0xA700`` and nothing is
+written, so the database, logs and quarantine keep room to work.
+
+Association policy (PS3.8 9.3.4 reject reasons): a calling AE title outside
+``allowed_calling_aes`` -- or allowed only from other source addresses, see
+:mod:`dicom_io.peers` -- is rejected (rejected-permanent, service-user, reason 3); a called AE
+title other than ours is rejected (reason 7); above ``max_associations`` concurrent
+associations new ones are rejected (rejected-transient, service-provider presentation,
+reason 2). Unsupported SOP classes are refused at presentation-context negotiation. With
+``tls`` set, the listener only speaks DICOM over TLS (PS3.15 B.9, see :mod:`dicom_io.tls`).
 
 Audit hook: ``on_event(kind, detail)`` is called (from pynetdicom threads) with ``kind`` one of
 :class:`ListenerEventKind` and a JSON-serialisable ``detail`` dict holding only technical
@@ -52,12 +58,14 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_io import statuses
 from dicom_io.ae_titles import validate_ae_title
+from dicom_io.peers import CallingAePolicy
 from dicom_io.sop_classes import (
     STORAGE_SOP_CLASSES,
     STORAGE_TRANSFER_SYNTAXES,
     VERIFICATION_SOP_CLASS,
 )
 from dicom_io.spool import Spool, SpoolError
+from dicom_io.tls import ServerTls
 from dicom_io.uids import clean_uid
 
 logger = logging.getLogger(__name__)
@@ -102,13 +110,18 @@ class ListenerConfig:
     port
         TCP port; 0 binds an ephemeral port (see :attr:`Listener.port`).
     allowed_calling_aes
-        Calling AE titles allowed to associate; empty accepts any.
+        Calling AE titles allowed to associate, each optionally bound to a source address or
+        network (``"PACS@10.1.2.3"``, see :mod:`dicom_io.peers`); empty accepts any.
     max_associations
         Maximum concurrent associations.
     max_pdu_bytes
         Maximum PDU length we receive (PS3.8 D.3.3.2.1); 0 means unlimited.
     acse_timeout_s, dimse_timeout_s, network_timeout_s
         Association negotiation, DIMSE message and idle network timeouts in seconds.
+    min_free_bytes
+        Free space the spool's file system must keep; below it C-STOREs get ``0xA700``.
+    tls
+        Serve DICOM over TLS with these settings; None serves plain TCP.
     """
 
     ae_title: str
@@ -120,14 +133,15 @@ class ListenerConfig:
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
+    min_free_bytes: int = 0
+    tls: ServerTls | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ae_title", validate_ae_title(self.ae_title, "ae_title"))
-        object.__setattr__(
-            self,
-            "allowed_calling_aes",
-            tuple(validate_ae_title(ae, "allowed_calling_aes") for ae in self.allowed_calling_aes),
-        )
+        policy = CallingAePolicy.from_entries(self.allowed_calling_aes)
+        object.__setattr__(self, "allowed_calling_aes", tuple(str(r) for r in policy.rules))
+        if self.min_free_bytes < 0:
+            raise ValueError(f"min_free_bytes must be >= 0, got {self.min_free_bytes}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0-65535, got {self.port}")
         if self.max_associations < 1:
@@ -208,6 +222,7 @@ class StoreContext:
     sink: InstanceSink
     emit: Callable[[ListenerEventKind, dict[str, Any]], None] = field(default_factory=_Emitter)
     locks: _StripedLocks = field(default_factory=_StripedLocks)
+    min_free_bytes: int = 0
 
 
 def _status(code: int, comment: str | None = None) -> Dataset:
@@ -220,7 +235,10 @@ def _status(code: int, comment: str | None = None) -> Dataset:
 
 def _peer(event: evt.Event) -> tuple[str, str]:
     requestor = event.assoc.requestor
-    return str(requestor.ae_title).strip(), str(requestor.address)
+    primitive = requestor.primitive
+    # Before negotiation (EVT_REQUESTED) only the A-ASSOCIATE-RQ primitive has the title.
+    title = primitive.calling_ae_title if primitive is not None else None
+    return str(title or requestor.ae_title).strip(), str(requestor.address)
 
 
 def _text_or_none(ds: Dataset, keyword: str) -> str | None:
@@ -305,12 +323,21 @@ def _handle_store(
     # 3. write, 4. commit -- serialised per SOP Instance UID so that concurrent duplicates
     # cannot remove a file another association has just committed.
     path = ctx.spool.path_for(study_uid, series_uid, sop_uid)
+    raw = request.DataSet
+    if ctx.min_free_bytes:
+        incoming = raw.getbuffer().nbytes if isinstance(raw, BytesIO) else 0
+        free = ctx.spool.free_bytes()
+        if free < ctx.min_free_bytes + incoming:
+            logger.error(
+                "spool file system below its free-space reserve",
+                extra={**detail, "free_bytes": free, "min_free_bytes": ctx.min_free_bytes},
+            )
+            return fail(statuses.OUT_OF_RESOURCES, "out of disk space")
     file_meta = event.file_meta
     file_meta.SourceApplicationEntityTitle = calling_ae or "UNKNOWN"
     with ctx.locks.for_key(sop_uid):
         existed_before = path.exists()
         try:
-            raw = request.DataSet
             if isinstance(raw, BytesIO):
                 with raw.getbuffer() as buffer:
                     size = ctx.spool.write_encoded(file_meta, buffer, path)
@@ -378,15 +405,24 @@ def handle_conn_open(event: evt.Event) -> None:
         logger.debug("cannot set TCP_NODELAY", exc_info=True)
 
 
-def _rejection_reason(event: evt.Event, config: ListenerConfig) -> str:
-    calling_ae, _ = _peer(event)
+def _rejection_reason(event: evt.Event, config: ListenerConfig, policy: CallingAePolicy) -> str:
+    calling_ae, peer_host = _peer(event)
     primitive = event.assoc.requestor.primitive
     called_ae = "" if primitive is None else str(primitive.called_ae_title or "").strip()
-    if config.allowed_calling_aes and calling_ae not in config.allowed_calling_aes:
-        return "calling AE title not recognized"
     if called_ae and called_ae != config.ae_title:
         return "called AE title not recognized"
+    refused = policy.rejection(calling_ae, peer_host)
+    if refused is not None:
+        return refused
     return "local limit exceeded or negotiation failure"
+
+
+REJECT_PERMANENT = 0x01
+"""A-ASSOCIATE-RJ result: rejected-permanent (PS3.8 9.3.4)."""
+SOURCE_SERVICE_USER = 0x01
+"""A-ASSOCIATE-RJ source: DICOM UL service-user (PS3.8 9.3.4)."""
+REASON_CALLING_AE_NOT_RECOGNIZED = 0x03
+"""A-ASSOCIATE-RJ reason (source service-user): calling-AE-title-not-recognized."""
 
 
 class Listener:
@@ -414,7 +450,10 @@ class Listener:
     ) -> None:
         self.config = config
         self._emit = _Emitter(on_event)
-        self._store_ctx = StoreContext(spool=spool, sink=sink, emit=self._emit)
+        self._policy = CallingAePolicy.from_entries(config.allowed_calling_aes)
+        self._store_ctx = StoreContext(
+            spool=spool, sink=sink, emit=self._emit, min_free_bytes=config.min_free_bytes
+        )
         self._server: ThreadedAssociationServer | None = None
         self._ae: AE | None = None
 
@@ -426,7 +465,8 @@ class Listener:
         ae.acse_timeout = cfg.acse_timeout_s
         ae.dimse_timeout = cfg.dimse_timeout_s
         ae.network_timeout = cfg.network_timeout_s
-        ae.require_calling_aet = list(cfg.allowed_calling_aes)
+        # Calling AE titles (and their source addresses) are checked in _on_requested.
+        ae.require_calling_aet = []
         ae.require_called_aet = True
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(STORAGE_TRANSFER_SYNTAXES))
@@ -448,8 +488,10 @@ class Listener:
         if self._server is not None:
             raise RuntimeError("listener already started")
         ae = self._make_ae()
+        ssl_context = None if self.config.tls is None else self.config.tls.context()
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, handle_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self._store_ctx]),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -457,14 +499,22 @@ class Listener:
             (evt.EVT_ABORTED, self._on_aborted),
         ]
         server = ae.start_server(
-            (self.config.host, self.config.port), block=False, evt_handlers=handlers
+            (self.config.host, self.config.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=ssl_context,
         )
         if server is None:  # pragma: no cover -- block=False always returns the server
             raise RuntimeError("pynetdicom did not return a server")
         self._ae, self._server = ae, server
         logger.info(
             "listener started",
-            extra={"ae_title": self.config.ae_title, "host": self.config.host, "port": self.port},
+            extra={
+                "ae_title": self.config.ae_title,
+                "host": self.config.host,
+                "port": self.port,
+                "tls": ssl_context is not None,
+            },
         )
 
     @property
@@ -502,7 +552,23 @@ class Listener:
             assoc.join(timeout=5)
         logger.info("listener stopped", extra={"aborted": len(remaining)})
 
-    # -- notification handlers (audit) --------------------------------------------------
+    # -- association policy and notification handlers (audit) --------------------------
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Reject a calling AE title not allowed from the peer's address (PS3.8 9.3.4).
+
+        Runs in the association's thread before pynetdicom's own negotiation; sending
+        A-ASSOCIATE-RJ from ``EVT_REQUESTED`` is pynetdicom's documented way to refuse.
+        """
+        calling_ae, peer_host = _peer(event)
+        if self._policy.rejection(calling_ae, peer_host) is None:
+            return
+        assoc = event.assoc
+        assoc.acse.send_reject(
+            REJECT_PERMANENT, SOURCE_SERVICE_USER, REASON_CALLING_AE_NOT_RECOGNIZED
+        )
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
 
     def _on_accepted(self, event: evt.Event) -> None:
         calling_ae, peer_host = _peer(event)
@@ -519,7 +585,7 @@ class Listener:
             {
                 "calling_ae": calling_ae,
                 "peer_host": peer_host,
-                "reason": _rejection_reason(event, self.config),
+                "reason": _rejection_reason(event, self.config, self._policy),
             },
         )
 

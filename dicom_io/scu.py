@@ -5,6 +5,11 @@ All datasets go over one association. Each dataset is sent in its own transfer s
 Endian is proposed as a fallback (PS3.5 A.1, the default every SCP supports). Errors become
 :class:`SendError` with ``retryable`` telling whether retrying later may help; the caller's
 state machine decides what to do.
+
+With an :class:`ssl.SSLContext` the association runs over TLS (PS3.15 B.9, see
+:mod:`dicom_io.tls`); the server certificate is verified against ``dest.host``. A failed
+handshake (bad or unknown certificate) is retryable: it is usually a configuration matter
+fixed on one side without touching the queued result.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,6 +35,9 @@ MAX_PRESENTATION_CONTEXTS = 128
 """Upper bound on presentation contexts per association (PS3.8 9.3.2.2, odd IDs 1-255)."""
 
 _NATIVE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+"""C-STORE status "Refused: SOP Class not supported" (PS3.7 C.4.1.1.4)."""
 
 
 @dataclass(frozen=True)
@@ -70,12 +79,23 @@ class SendError(Exception):
         (permanent rejection, unsupported SOP class, data set errors).
     status
         The failing DIMSE status, when the failure is a C-STORE response.
+    refused_sop_class
+        The SOP Class UID the destination does not take (no accepted presentation context,
+        or status 0x0122 "SOP class not supported"), so the caller may send another class.
     """
 
-    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        status: int | None = None,
+        refused_sop_class: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.status = status
+        self.refused_sop_class = refused_sop_class
 
 
 def _transfer_syntax(ds: Dataset) -> UID:
@@ -122,7 +142,11 @@ def _set_nodelay(event: evt.Event) -> None:
 
 
 def _associate(
-    dest: Destination, datasets: Sequence[Dataset], calling_ae: str, timeout_s: float
+    dest: Destination,
+    datasets: Sequence[Dataset],
+    calling_ae: str,
+    timeout_s: float,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Association:
     ae = AE(ae_title=validate_ae_title(calling_ae, "calling_ae"))
     ae.acse_timeout = timeout_s
@@ -141,6 +165,7 @@ def _associate(
         dest.port,
         ae_title=dest.ae_title,
         evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay)],
+        tls_args=None if ssl_context is None else (ssl_context, dest.host),
     )
     if assoc.is_established:
         return assoc
@@ -155,10 +180,12 @@ def _associate(
         raise SendError(
             f"{where} accepted none of the proposed SOP classes/transfer syntaxes: {refused}",
             retryable=False,
+            refused_sop_class=refused[0] if len(refused) == 1 else None,
         )
+    how = " (TLS: handshake failed? check certificates)" if ssl_context is not None else ""
     if assoc.is_aborted:
-        raise SendError(f"association aborted by {where}", retryable=True)
-    raise SendError(f"cannot connect to {where}", retryable=True)
+        raise SendError(f"association aborted by {where}{how}", retryable=True)
+    raise SendError(f"cannot connect to {where}{how}", retryable=True)
 
 
 def send_datasets(
@@ -167,6 +194,7 @@ def send_datasets(
     *,
     calling_ae: str = "RADFLAG",
     timeout_s: float = 30,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     """Send ``datasets`` to ``dest`` with C-STORE over one association.
 
@@ -182,6 +210,9 @@ def send_datasets(
         Our AE title.
     timeout_s
         Connection, ACSE, DIMSE and network timeout in seconds.
+    ssl_context
+        Client TLS context (e.g. :meth:`dicom_io.tls.ClientTls.context`); None sends over
+        plain TCP.
 
     Raises
     ------
@@ -193,7 +224,7 @@ def send_datasets(
     if not datasets:
         return
     prepared = [_with_transfer_syntax(ds) for ds in datasets]
-    assoc = _associate(dest, prepared, calling_ae, timeout_s)
+    assoc = _associate(dest, prepared, calling_ae, timeout_s, ssl_context)
     released = False
     try:
         for ds in prepared:
@@ -205,6 +236,7 @@ def send_datasets(
                     f"{dest.ae_title} did not accept {ds.get('SOPClassUID')} in "
                     f"{_transfer_syntax(ds)}: {exc}",
                     retryable=False,
+                    refused_sop_class=str(ds.get("SOPClassUID", "")) or None,
                 ) from exc
             if "Status" not in rsp:
                 raise SendError(
@@ -218,6 +250,11 @@ def send_datasets(
                     + (f": {comment}" if comment else ""),
                     retryable=statuses.is_retryable_failure(status),
                     status=status,
+                    refused_sop_class=(
+                        str(ds.get("SOPClassUID", ""))
+                        if status == SOP_CLASS_NOT_SUPPORTED
+                        else None
+                    ),
                 )
             if status != statuses.SUCCESS:
                 logger.warning(

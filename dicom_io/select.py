@@ -1,4 +1,4 @@
-"""Which received instances a model applies to.
+r"""Which received instances a model applies to.
 
 Rules, applied in this order (the first failing rule is the recorded reason):
 
@@ -14,20 +14,31 @@ Rules, applied in this order (the first failing rule is the recorded reason):
 6. ``MULTI_FRAME``: Number of Frames > 1 (the chest classifier is single-frame).
 7. ``BODY_PART_NOT_CHEST``: Body Part Examined must be ``CHEST``, ``THORAX`` or ``LUNG``,
    or absent (many modalities leave it empty).
-8. ``VIEW_NOT_FRONTAL``: View Position (PS3.3 C.8.11.5) must not be lateral (``LL``, ``RL``,
+8. ``NOT_HUMAN``: the patient must be human: Patient Species (PS3.3 C.7.1.1, only present for
+   veterinary patients) absent or *Homo sapiens*, and no acquisition description (Protocol
+   Name, Acquisition Device Processing Description, Series/Study Description, Performed
+   Protocol) naming an animal (``CANINE``, ``FELINE``, ``VETERINARY``...; whole words).
+9. ``VIEW_NOT_FRONTAL``: View Position (PS3.3 C.8.11.5) must not be lateral (``LL``, ``RL``,
    ``LAT``, ``LATERAL``), oblique (``RLO``, ``LLO``) or decubitus (``RLD``, ``LLD``); absent,
-   ``AP``, ``PA`` and other values are accepted.
-9. ``DERIVED_IMAGE``: for CR/DX, Image Type ``DERIVED\\SECONDARY`` (PS3.3 C.7.6.1.1.2):
+   ``AP``, ``PA`` and other values are accepted. When View Position is absent, a description
+   saying ``LAT``/``LATERAL`` (and no frontal word ``PA``/``AP``/``FRONTAL``) also excludes.
+10. ``DERIVED_IMAGE``: for CR/DX, Image Type ``DERIVED\SECONDARY`` (PS3.3 C.7.6.1.1.2):
    images created after the examination, e.g. annotated or re-processed copies.
-   ``DERIVED\\PRIMARY`` is accepted: many DX systems label their processed "for
+   ``DERIVED\PRIMARY`` is accepted: many DX systems label their processed "for
    presentation" image that way, and it is the direct result of the examination (value 2
-   ``PRIMARY``). For CT, ``LOCALIZER`` (scout) images are excluded.
+   ``PRIMARY``). With ``require_original`` only ``ORIGINAL`` images pass. For CT,
+   ``LOCALIZER`` (scout) images are excluded.
+
+Rules 7-10 are parameters of :class:`SelectionRules` (the defaults above are
+:data:`DEFAULT_RULES`); the model's modalities come from its model card (CR/DX for chest
+radiograph models, CT for CT models).
 
 Every input header ends up in exactly one of ``selected`` or ``excluded``, in input order.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -52,6 +63,7 @@ class ExclusionReason(StrEnum):
     FOR_PROCESSING = "for_processing"
     MULTI_FRAME = "multi_frame"
     BODY_PART_NOT_CHEST = "body_part_not_chest"
+    NOT_HUMAN = "not_human"
     VIEW_NOT_FRONTAL = "view_not_frontal"
     DERIVED_IMAGE = "derived_image"
 
@@ -78,6 +90,98 @@ NON_FRONTAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "RLO", "LLO", "RLD"
 
 PROJECTION_MODALITIES = frozenset({"CR", "DX"})
 
+HUMAN_SPECIES = frozenset({"HOMO SAPIENS", "HUMAN"})
+"""Patient Species values meaning a human patient (SNOMED CT 337915000 *Homo sapiens*)."""
+
+NON_HUMAN_WORDS = frozenset(
+    {
+        "VETERINARY",
+        "VET",
+        "CANINE",
+        "FELINE",
+        "EQUINE",
+        "BOVINE",
+        "PORCINE",
+        "OVINE",
+        "CAPRINE",
+        "AVIAN",
+        "DOG",
+        "CAT",
+        "HORSE",
+    }
+)
+"""Words in acquisition descriptions that mark a veterinary acquisition."""
+
+LATERAL_WORDS = frozenset({"LAT", "LATERAL", "LL", "RL", "DECUBITUS", "OBLIQUE"})
+FRONTAL_WORDS = frozenset({"PA", "AP", "FRONTAL"})
+_WORD_RE = re.compile(r"[A-Z]+")
+
+
+@dataclass(frozen=True)
+class SelectionRules:
+    r"""Configurable part of the selection rules (see the module docstring).
+
+    Parameters
+    ----------
+    body_parts
+        Accepted Body Part Examined values (upper case).
+    allow_missing_body_part
+        Accept images without Body Part Examined.
+    excluded_view_positions
+        View Position values that are not frontal.
+    view_from_descriptions
+        When View Position is absent, exclude images whose descriptions say lateral.
+    human_only
+        Exclude veterinary patients (species or description words).
+    non_human_words
+        Description words marking a veterinary acquisition.
+    exclude_derived_secondary
+        Exclude CR/DX ``DERIVED\SECONDARY`` images.
+    require_original
+        Accept only CR/DX images whose Image Type value 1 is ``ORIGINAL``.
+    """
+
+    body_parts: frozenset[str] = CHEST_BODY_PARTS
+    allow_missing_body_part: bool = True
+    excluded_view_positions: frozenset[str] = NON_FRONTAL_VIEWS
+    view_from_descriptions: bool = True
+    human_only: bool = True
+    non_human_words: frozenset[str] = NON_HUMAN_WORDS
+    exclude_derived_secondary: bool = True
+    require_original: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("body_parts", "excluded_view_positions", "non_human_words"):
+            values = getattr(self, name)
+            if isinstance(values, str):
+                raise TypeError(f"{name} must be a collection of strings, not a string")
+            object.__setattr__(self, name, frozenset(v.strip().upper() for v in values))
+
+
+DEFAULT_RULES = SelectionRules()
+"""The documented defaults."""
+
+
+def _words(texts: Sequence[str]) -> set[str]:
+    return {word for text in texts for word in _WORD_RE.findall(text.upper())}
+
+
+def _is_non_human(header: ImageHeader, rules: SelectionRules) -> bool:
+    species = (header.species or "").strip().upper()
+    if species and species not in HUMAN_SPECIES:
+        return True
+    return bool(_words(header.descriptions) & rules.non_human_words)
+
+
+def _is_non_frontal(header: ImageHeader, rules: SelectionRules) -> bool:
+    view = (header.view_position or "").strip().upper()
+    if view:
+        return view in rules.excluded_view_positions
+    if not rules.view_from_descriptions:
+        return False
+    words = _words(header.descriptions)
+    return bool(words & LATERAL_WORDS) and not words & FRONTAL_WORDS
+
 
 @dataclass(frozen=True)
 class SelectionResult:
@@ -95,7 +199,9 @@ def _is_own_output_kind(sop_class_uid: str) -> bool:
     )
 
 
-def exclusion_reason(header: ImageHeader, modalities: Collection[str]) -> ExclusionReason | None:
+def exclusion_reason(
+    header: ImageHeader, modalities: Collection[str], rules: SelectionRules = DEFAULT_RULES
+) -> ExclusionReason | None:
     """Return why ``header`` is excluded for a model of ``modalities``, or None if selected.
 
     Parameters
@@ -104,6 +210,8 @@ def exclusion_reason(header: ImageHeader, modalities: Collection[str]) -> Exclus
         The instance header.
     modalities
         Modalities the model accepts (e.g. ``{"CR", "DX"}``).
+    rules
+        Configurable rules; :data:`DEFAULT_RULES` by default.
 
     Returns
     -------
@@ -128,19 +236,30 @@ def exclusion_reason(header: ImageHeader, modalities: Collection[str]) -> Exclus
     if header.number_of_frames > 1:
         return ExclusionReason.MULTI_FRAME
     body_part = (header.body_part or "").strip().upper()
-    if body_part and body_part not in CHEST_BODY_PARTS:
+    if body_part and body_part not in rules.body_parts:
         return ExclusionReason.BODY_PART_NOT_CHEST
-    if (header.view_position or "").strip().upper() in NON_FRONTAL_VIEWS:
+    if not body_part and not rules.allow_missing_body_part:
+        return ExclusionReason.BODY_PART_NOT_CHEST
+    if rules.human_only and _is_non_human(header, rules):
+        return ExclusionReason.NOT_HUMAN
+    if _is_non_frontal(header, rules):
         return ExclusionReason.VIEW_NOT_FRONTAL
     image_type = tuple(v.strip().upper() for v in header.image_type)
-    if modality in PROJECTION_MODALITIES and image_type[:2] == ("DERIVED", "SECONDARY"):
-        return ExclusionReason.DERIVED_IMAGE
+    if modality in PROJECTION_MODALITIES:
+        if rules.exclude_derived_secondary and image_type[:2] == ("DERIVED", "SECONDARY"):
+            return ExclusionReason.DERIVED_IMAGE
+        if rules.require_original and image_type[:1] != ("ORIGINAL",):
+            return ExclusionReason.DERIVED_IMAGE
     if modality == "CT" and "LOCALIZER" in image_type:
         return ExclusionReason.DERIVED_IMAGE
     return None
 
 
-def select_images(headers: Sequence[ImageHeader], modalities: Collection[str]) -> SelectionResult:
+def select_images(
+    headers: Sequence[ImageHeader],
+    modalities: Collection[str],
+    rules: SelectionRules = DEFAULT_RULES,
+) -> SelectionResult:
     """Split ``headers`` into the images a model applies to and the rest, with reasons.
 
     Parameters
@@ -149,6 +268,8 @@ def select_images(headers: Sequence[ImageHeader], modalities: Collection[str]) -
         Headers of a study's instances (see :func:`dicom_io.reader.read_header`).
     modalities
         Modalities the model accepts.
+    rules
+        Configurable rules; :data:`DEFAULT_RULES` by default.
 
     Returns
     -------
@@ -158,7 +279,7 @@ def select_images(headers: Sequence[ImageHeader], modalities: Collection[str]) -
     """
     result = SelectionResult()
     for header in headers:
-        reason = exclusion_reason(header, modalities)
+        reason = exclusion_reason(header, modalities, rules)
         if reason is None:
             result.selected.append(header)
         else:

@@ -94,6 +94,10 @@ class Spool:
         """Folder holding quarantined files and their ``.reason.txt`` notes."""
         return self.root / QUARANTINE_DIR
 
+    def free_bytes(self) -> int:
+        """Bytes available to us on the spool's file system (``statvfs`` ``f_bavail``)."""
+        return int(shutil.disk_usage(self.root).free)
+
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """Return the spool path of one instance.
 

@@ -6,30 +6,41 @@ Builds a Comprehensive 3D SR (PS3.3 A.35.13) whose content is a PS3.16 TID 1500
 - observation context (TID 1001) with a device observer (TID 1004): name, manufacturer,
   model name = algorithm version, and a Device Observer UID derived deterministically from
   the algorithm name and version;
-- procedure reported (plain chest X-ray or CT of chest, from the sources' modality);
+- procedure reported, from PS3.16 CID 100 (``Imaging procedure`` for radiographs, ``CT
+  unspecified body region`` for CT);
 - image library (TID 1600) listing every source image;
-- one measurement group (TID 1501) per finding: tracking identifier + tracking UID, finding
-  site lung (SCT 39607008), algorithm identification (TID 4019: name, version, manufacturer,
-  parameters ``threshold=...`` and ``weights_sha256=...``), a qualitative evaluation whose
-  concept is the finding and whose value is present (SCT 52101004) / absent (SCT 272519000),
-  and a NUM "Probability" (DCM 122157) with UCUM unit ``1`` (no units, value in [0, 1]).
+- one measurement group (TID 1501) per finding: tracking identifier + tracking UID, the
+  finding type (e.g. SCT 233604007 pneumonia, SCT 840539006 COVID-19), finding site lung
+  (SCT 39607008), algorithm identification (TID 4019: name, version, manufacturer,
+  parameters ``threshold=...`` and ``weights_sha256=...``), the source images, a qualitative
+  evaluation whose concept is the finding and whose value is present (SCT 52101004) / absent
+  (SCT 272519000), and a NUM "Probability" (DCM 122157) with UCUM unit ``1`` (no units,
+  value in [0, 1]).
 
-The document is flagged PRELIMINARY, COMPLETE and UNVERIFIED: it is machine output that no
-physician has verified. UIDs are deterministic (:func:`result_uids`) so reprocessing a study
-replaces its SR instead of adding one.
+This is the content the IHE Radiology AI Results (AIR) profile asks of an image-level
+classification result (IHE RAD TF-3 6.5.3, "AI Results" SR). The document is flagged
+PRELIMINARY, COMPLETE and UNVERIFIED: it is machine output that no physician has verified.
+UIDs are deterministic (:func:`result_uids`) so reprocessing a study replaces its SR instead
+of adding one. :func:`as_comprehensive_sr` turns it into a Comprehensive SR (PS3.3 A.35.3)
+for a PACS that refuses the 3D SOP class (the content uses no SCOORD3D); :func:`read_sr`
+reads the result back.
 """
 
 from __future__ import annotations
 
+import copy
+import enum
 import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from highdicom.sr import (
     AlgorithmIdentification,
     CodedConcept,
     Comprehensive3DSR,
+    ComprehensiveSR,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
     Measurement,
@@ -38,6 +49,7 @@ from highdicom.sr import (
     ObservationContext,
     ObserverContext,
     QualitativeEvaluation,
+    SourceImageForMeasurementGroup,
     TrackingIdentifier,
 )
 from pydicom.dataset import Dataset
@@ -53,12 +65,22 @@ PRESENT = CodedConcept("52101004", "SCT", "Present")
 ABSENT = CodedConcept("272519000", "SCT", "Absent")
 PROBABILITY = CodedConcept("122157", "DCM", "Probability")
 UNITLESS = CodedConcept("1", "UCUM", "no units")
-PLAIN_CHEST_XRAY = CodedConcept("399208008", "SCT", "Plain chest X-ray")
-CT_OF_CHEST = CodedConcept("169069000", "SCT", "CT of chest")
 IMAGING_PROCEDURE = CodedConcept("363679005", "SCT", "Imaging procedure")
+CT_UNSPECIFIED_BODY_REGION = CodedConcept("25045-6", "LN", "CT unspecified body region")
+PNEUMONIA = CodedConcept("233604007", "SCT", "Pneumonia")
+COVID_19 = CodedConcept("840539006", "SCT", "COVID-19")
 
 ALGORITHM_PARAMETER_THRESHOLD = "threshold"
 ALGORITHM_PARAMETER_WEIGHTS = "weights_sha256"
+
+
+class SRStorageClass(enum.StrEnum):
+    """SR Storage SOP classes radflag writes (PS3.4 B.5)."""
+
+    COMPREHENSIVE_3D = "1.2.840.10008.5.1.4.1.1.88.34"
+    """Comprehensive 3D SR Storage, the default (TID 1500 may use SCOORD3D)."""
+    COMPREHENSIVE = "1.2.840.10008.5.1.4.1.1.88.33"
+    """Comprehensive SR Storage, for a PACS that refuses the 3D class."""
 
 
 @dataclass(frozen=True)
@@ -149,11 +171,10 @@ def device_observer_uid(algorithm: AlgorithmInfo) -> str:
 
 
 def _procedure(sources: Sequence[Dataset]) -> CodedConcept:
+    """Return the Procedure Reported (TID 1500 row 4), a code of CID 100."""
     modalities = {str(ds.get("Modality", "")).upper() for ds in sources}
-    if modalities <= {"CR", "DX"}:
-        return PLAIN_CHEST_XRAY
     if modalities == {"CT"}:
-        return CT_OF_CHEST
+        return CT_UNSPECIFIED_BODY_REGION
     return IMAGING_PROCEDURE
 
 
@@ -177,6 +198,7 @@ def _measurement_group(
     algorithm: AlgorithmInfo,
     algorithm_id: AlgorithmIdentification,
     sop_instance_uid: str,
+    sources: Sequence[Dataset],
 ) -> MeasurementsAndQualitativeEvaluations:
     tracking = TrackingIdentifier(
         uid=_name_based_uid(
@@ -200,6 +222,7 @@ def _measurement_group(
         finding_sites=[FindingSite(anatomic_location=LUNG)],
         measurements=[probability],
         qualitative_evaluations=[evaluation],
+        source_images=[SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources],
     )
 
 
@@ -212,6 +235,7 @@ def build_sr(
     sop_instance_uid: str,
     series_number: int = 9901,
     institution_name: str | None = None,
+    storage_class: SRStorageClass = SRStorageClass.COMPREHENSIVE_3D,
 ) -> Dataset:
     """Build a TID 1500 Comprehensive 3D SR reporting ``finding`` on ``sources``.
 
@@ -230,12 +254,15 @@ def build_sr(
         Series Number of the SR series.
     institution_name
         Optional Institution Name of the creating device.
+    storage_class
+        Comprehensive 3D SR (default) or Comprehensive SR.
 
     Returns
     -------
     Dataset
-        The SR document (a :class:`highdicom.sr.Comprehensive3DSR`, Explicit VR Little
-        Endian), ready to be sent or written.
+        The SR document (a :class:`highdicom.sr.Comprehensive3DSR` or
+        :class:`highdicom.sr.ComprehensiveSR`, Explicit VR Little Endian), ready to be sent
+        or written.
 
     Raises
     ------
@@ -275,11 +302,15 @@ def build_sr(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=_procedure(sources),
         imaging_measurements=[
-            _measurement_group(item, algorithm, algorithm_id, sop_instance_uid) for item in findings
+            _measurement_group(item, algorithm, algorithm_id, sop_instance_uid, sources)
+            for item in findings
         ],
         referenced_images=list(sources),
     )
-    return Comprehensive3DSR(
+    document_class = (
+        Comprehensive3DSR if storage_class is SRStorageClass.COMPREHENSIVE_3D else ComprehensiveSR
+    )
+    return document_class(
         evidence=list(sources),
         content=report[0],
         series_instance_uid=series_instance_uid,
@@ -297,10 +328,146 @@ def build_sr(
     )
 
 
+def comprehensive_sr_uid(sop_instance_uid: str) -> str:
+    """Return the SOP Instance UID of the Comprehensive SR variant of a 3D SR document.
+
+    A different SOP class needs a different instance UID (PS3.5 9.1); deriving it keeps it
+    deterministic, so the variant too replaces itself when re-sent.
+    """
+    return _name_based_uid("radflag-comprehensive-sr", sop_instance_uid)
+
+
+def as_comprehensive_sr(sr: Dataset) -> Dataset:
+    """Return a Comprehensive SR (PS3.3 A.35.3) copy of a Comprehensive 3D SR document.
+
+    For a destination that refuses Comprehensive 3D SR Storage. The content tree is kept as
+    is: radflag's TID 1500 uses no SCOORD3D, which is the only value type Comprehensive SR
+    lacks. The SOP Instance UID is :func:`comprehensive_sr_uid` of the original.
+
+    Raises
+    ------
+    ValueError
+        If ``sr`` is not a Comprehensive 3D SR or contains a SCOORD3D content item.
+    """
+    if str(sr.get("SOPClassUID", "")) != SRStorageClass.COMPREHENSIVE_3D.value:
+        raise ValueError("sr is not a Comprehensive 3D SR document")
+    if _has_value_type(sr, "SCOORD3D"):
+        raise ValueError("sr contains SCOORD3D content, which Comprehensive SR cannot carry")
+    out = copy.deepcopy(sr)
+    out.SOPClassUID = SRStorageClass.COMPREHENSIVE.value
+    out.SOPInstanceUID = comprehensive_sr_uid(str(sr.SOPInstanceUID))
+    if getattr(out, "file_meta", None) is not None:
+        out.file_meta.MediaStorageSOPClassUID = out.SOPClassUID
+        out.file_meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
+    return out
+
+
+def _has_value_type(item: Dataset, value_type: str) -> bool:
+    for child in item.get("ContentSequence", []):
+        if child.get("ValueType") == value_type or _has_value_type(child, value_type):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class SRContent:
+    """What :func:`read_sr` recovers from a radflag SR."""
+
+    algorithm_name: str
+    algorithm_version: str
+    algorithm_parameters: dict[str, str]
+    device_observer_uid: str
+    findings: list[FindingResult]
+    source_sop_instance_uids: list[str]
+
+
+def read_sr(sr: Dataset) -> SRContent:
+    """Read finding, probability and model identity back from a TID 1500 SR (highdicom).
+
+    Parameters
+    ----------
+    sr
+        A Comprehensive 3D SR or Comprehensive SR written by :func:`build_sr` (or by another
+        producer following the same TID 1500 / TID 4019 pattern).
+
+    Raises
+    ------
+    ValueError
+        If the document is not a TID 1500 measurement report with a device observer and at
+        least one measurement group carrying a probability and a qualitative evaluation.
+    """
+    sop_class = str(sr.get("SOPClassUID", ""))
+    document: Comprehensive3DSR | ComprehensiveSR
+    if sop_class == SRStorageClass.COMPREHENSIVE_3D.value:
+        document = Comprehensive3DSR.from_dataset(sr, copy=True)
+    elif sop_class == SRStorageClass.COMPREHENSIVE.value:
+        document = ComprehensiveSR.from_dataset(sr, copy=True)
+    else:
+        raise ValueError(f"not a Comprehensive (3D) SR: SOP class {sop_class!r}")
+    report = MeasurementReport.from_sequence(document.content)
+    observers = report.get_observer_contexts(observer_type=codes.DCM.Device)
+    if not observers:
+        raise ValueError("the SR has no device observer (TID 1004)")
+    device: Any = observers[0].observer_identifying_attributes
+    device_uid = str(device.uid)
+    findings: list[FindingResult] = []
+    name = version = ""
+    parameters: dict[str, str] = {}
+    sources: list[str] = []
+    for group in report.get_image_measurement_groups():
+        evaluations = group.get_qualitative_evaluations()
+        probabilities = [m for m in group.get_measurements() if m.name.value == PROBABILITY.value]
+        if not evaluations or not probabilities:
+            raise ValueError("a measurement group lacks its evaluation or probability")
+        finding = evaluations[0].name
+        answer: Any = evaluations[0].value
+        findings.append(
+            FindingResult(
+                code_value=finding.value,
+                code_scheme=finding.scheme_designator,
+                code_meaning=finding.meaning,
+                probability=float(probabilities[0].value),
+                present=answer.value == PRESENT.value,
+            )
+        )
+        for item in group[0].ContentSequence:
+            if item.ValueType != "TEXT":
+                continue
+            meaning = item.ConceptNameCodeSequence[0].CodeMeaning
+            if meaning == "Algorithm Name":
+                name = str(item.TextValue)
+            elif meaning == "Algorithm Version":
+                version = str(item.TextValue)
+            elif meaning == "Algorithm Parameters" and "=" in str(item.TextValue):
+                key, _, value = str(item.TextValue).partition("=")
+                parameters[key] = value
+        for ref in group.source_images:
+            uid = str(ref.referenced_sop_instance_uid)
+            if uid not in sources:
+                sources.append(uid)
+    if not findings:
+        raise ValueError("the SR has no measurement group")
+    return SRContent(
+        algorithm_name=name,
+        algorithm_version=version,
+        algorithm_parameters=parameters,
+        device_observer_uid=device_uid,
+        findings=findings,
+        source_sop_instance_uids=sources,
+    )
+
+
 __all__ = [
+    "COVID_19",
+    "PNEUMONIA",
     "AlgorithmInfo",
     "FindingResult",
+    "SRContent",
+    "SRStorageClass",
+    "as_comprehensive_sr",
     "build_sr",
+    "comprehensive_sr_uid",
     "device_observer_uid",
+    "read_sr",
     "result_uids",
 ]

@@ -108,12 +108,22 @@ def test_full_lifecycle_and_audit_order(sessions: sessionmaker[Session]) -> None
     policy = BackoffPolicy(base_s=0.0, max_attempts=3)
     started = utcnow()
     state = record_attempt(
-        sessions, due[0].delivery_id, started_at=started, ok=False, error="refused",
-        retryable=True, policy=policy,
+        sessions,
+        due[0].delivery_id,
+        started_at=started,
+        ok=False,
+        error="refused",
+        retryable=True,
+        policy=policy,
     )
     assert state is DeliveryState.PENDING
     state = record_attempt(
-        sessions, due[0].delivery_id, started_at=started, ok=True, error=None, retryable=True,
+        sessions,
+        due[0].delivery_id,
+        started_at=started,
+        ok=True,
+        error=None,
+        retryable=True,
         policy=policy,
     )
     assert state is DeliveryState.SENT
@@ -179,8 +189,13 @@ def test_dead_letter_after_max_attempts(sessions: sessionmaker[Session]) -> None
     policy = BackoffPolicy(base_s=0.0, max_attempts=2)
     for expected in (DeliveryState.PENDING, DeliveryState.DEAD):
         got = record_attempt(
-            sessions, due.delivery_id, started_at=utcnow(), ok=False, error="timeout",
-            retryable=True, policy=policy,
+            sessions,
+            due.delivery_id,
+            started_at=utcnow(),
+            ok=False,
+            error="timeout",
+            retryable=True,
+            policy=policy,
         )
         assert got is expected
     with sessions() as s:
@@ -225,7 +240,11 @@ def test_concurrent_ingest_of_one_study(sessions: sessionmaker[Session]) -> None
     with sessions() as s:
         assert len(s.scalars(select(Study)).all()) == 1
         assert (
-            len(s.scalars(select(AuditEvent).where(AuditEvent.event_type == "INSTANCE_RECEIVED")).all())
+            len(
+                s.scalars(
+                    select(AuditEvent).where(AuditEvent.event_type == "INSTANCE_RECEIVED")
+                ).all()
+            )
             == 8
         )
 

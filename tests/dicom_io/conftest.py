@@ -157,9 +157,14 @@ class RunningListener:
 
 
 def start_listener(
-    tmp_path: Path, *, allowed: tuple[str, ...] = (), max_pdu_bytes: int = 0
+    tmp_path: Path,
+    *,
+    allowed: tuple[str, ...] = (),
+    max_pdu_bytes: int = 0,
+    spool_dir: Path | None = None,
+    **config: Any,
 ) -> RunningListener:
-    spool = Spool(tmp_path / "spool")
+    spool = Spool(spool_dir or tmp_path / "spool")
     sink = FakeSink()
     events: list[tuple[str, dict[str, Any]]] = []
     config = ListenerConfig(
@@ -171,6 +176,7 @@ def start_listener(
         acse_timeout_s=10,
         dimse_timeout_s=20,
         network_timeout_s=20,
+        **config,
     )
     listener = Listener(config, spool, sink, on_event=lambda k, d: events.append((k, d)))
     listener.start()

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import JPEG2000Lossless
 
 from dicom_io.reader import DecodeError, read_dataset, read_header, read_image
@@ -156,3 +158,47 @@ def test_read_dataset_without_pixels(tmp_path: Path) -> None:
     path = save(make_dx(), tmp_path / "d.dcm")
     assert "PixelData" in read_dataset(path)
     assert "PixelData" not in read_dataset(path, with_pixels=False)
+
+
+@pytest.mark.parametrize(
+    ("implicit_vr", "little_endian", "syntax"),
+    [
+        (True, True, "1.2.840.10008.1.2"),
+        (False, True, "1.2.840.10008.1.2.1"),
+        (False, False, "1.2.840.10008.1.2.2"),
+    ],
+)
+def test_acr_nema_style_data_set_without_file_meta(
+    tmp_path: Path, implicit_vr: bool, little_endian: bool, syntax: str
+) -> None:
+    ds = make_dx(rows=8, columns=6)
+    expected = ds.pixel_array.copy()
+    del ds.file_meta
+    buffer = DicomBytesIO()
+    buffer.is_implicit_VR, buffer.is_little_endian = implicit_vr, little_endian
+    if not little_endian:
+        ds.PixelData = expected.astype(">u2").tobytes()
+    write_dataset(buffer, ds)
+    path = tmp_path / "raw.dcm"
+    path.write_bytes(buffer.getvalue())  # no preamble, no DICM, no group 0002
+
+    header = read_header(path)
+    image = read_image(path)
+
+    assert header.transfer_syntax_uid == syntax
+    assert header.sop_instance_uid == ds.SOPInstanceUID
+    np.testing.assert_array_equal(image.pixels, expected)
+
+
+def test_random_bytes_are_not_taken_for_a_data_set(tmp_path: Path) -> None:
+    path = tmp_path / "noise.bin"
+    path.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(DecodeError):
+        read_header(path)
+
+
+def test_species_and_descriptions_in_header(tmp_path: Path) -> None:
+    ds = make_dx(PatientSpeciesDescription="Canis lupus familiaris", ProtocolName="Thorax lat")
+    header = read_header(save(ds, tmp_path / "vet.dcm"))
+    assert header.species == "CANIS LUPUS FAMILIARIS"
+    assert "THORAX LAT" in header.descriptions

@@ -17,7 +17,7 @@ from pydicom.uid import (
 )
 
 from dicom_io.reader import ImageHeader
-from dicom_io.select import ExclusionReason, select_images
+from dicom_io.select import DEFAULT_RULES, ExclusionReason, SelectionRules, select_images
 
 BASE = ImageHeader(
     sop_instance_uid="1.2.3.1",
@@ -126,3 +126,91 @@ def test_every_header_is_accounted_for_in_order() -> None:
     result = select_images(headers, {"DX"})
     assert [h.sop_instance_uid for h in result.selected] == ["1.2.3.0", "1.2.3.2", "1.2.3.4"]
     assert [h.sop_instance_uid for h, _ in result.excluded] == ["1.2.3.1", "1.2.3.3", "1.2.3.5"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"species": "CANIS LUPUS FAMILIARIS"}, ExclusionReason.NOT_HUMAN),
+        ({"descriptions": ("CANINE LATERAL THORAX 0-15CM",)}, ExclusionReason.NOT_HUMAN),
+        ({"descriptions": ("Veterinary chest",)}, ExclusionReason.NOT_HUMAN),
+        (
+            {"view_position": None, "descriptions": ("CHEST LAT",)},
+            ExclusionReason.VIEW_NOT_FRONTAL,
+        ),
+    ],
+)
+def test_human_and_described_view_rules(changes: dict[str, object], reason: str) -> None:
+    result = select_images([variant(1, **changes)], {"DX"})
+    assert [r for _, r in result.excluded] == [reason]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"species": "HOMO SAPIENS"},
+        {"descriptions": ("CHEST PA", "CATHETER CHECK")},  # words, not substrings: CAT-heter
+        {"view_position": None, "descriptions": ("CHEST PA AND LAT",)},  # frontal word wins
+        {"view_position": "PA", "descriptions": ("CHEST LAT",)},  # View Position wins
+    ],
+)
+def test_human_frontal_variants_are_selected(changes: dict[str, object]) -> None:
+    assert select_images([variant(1, **changes)], {"DX"}).selected
+
+
+def test_rules_are_configurable() -> None:
+    hand = variant(1, body_part="HAND")
+    no_part = variant(2, body_part=None)
+    derived = variant(3, image_type=("DERIVED", "PRIMARY"))
+    lateral_text = variant(4, view_position=None, descriptions=("CHEST LATERAL",))
+    headers = [hand, no_part, derived, lateral_text]
+
+    default = select_images(headers, {"DX"})
+    strict = select_images(
+        headers,
+        {"DX"},
+        SelectionRules(
+            body_parts=frozenset({"hand"}),
+            allow_missing_body_part=False,
+            require_original=True,
+            view_from_descriptions=False,
+        ),
+    )
+
+    assert [h.sop_instance_uid for h in default.selected] == ["1.2.3.2", "1.2.3.3"]
+    assert [h.sop_instance_uid for h in strict.selected] == ["1.2.3.1"]
+    assert dict((h.sop_instance_uid, r) for h, r in strict.excluded) == {
+        "1.2.3.2": ExclusionReason.BODY_PART_NOT_CHEST,
+        "1.2.3.3": ExclusionReason.BODY_PART_NOT_CHEST,
+        "1.2.3.4": ExclusionReason.BODY_PART_NOT_CHEST,
+    }
+    assert select_images([derived], {"DX"}, SelectionRules(require_original=True)).excluded == [
+        (derived, ExclusionReason.DERIVED_IMAGE)
+    ]
+    assert SelectionRules() == DEFAULT_RULES
+    with pytest.raises(TypeError, match="body_parts"):
+        SelectionRules(body_parts="CHEST")  # type: ignore[arg-type]
+
+
+@pytest.mark.shared
+def test_real_files_selection() -> None:
+    from dicom_io.reader import read_header
+    from tests.conftest import shared_path
+
+    chest = shared_path("dicom", "chest-real", "files")
+    headers = {
+        name: read_header(chest / name)
+        for name in (
+            "JPEG2KLossless_1s_1f_u_16_16.dcm",
+            "966_malformed.dcm",
+            "highdicom_dx_image.dcm",
+        )
+    }
+    result = select_images(list(headers.values()), {"CR", "DX"})
+    reasons = {h.path.name: r for h, r in result.excluded if h.path is not None}
+
+    assert sorted(h.path.name for h in result.selected if h.path is not None) == [
+        "966_malformed.dcm",  # DERIVED\PRIMARY DX chest PA: reaches the decoder (and fails there)
+        "JPEG2KLossless_1s_1f_u_16_16.dcm",
+    ]
+    assert reasons == {"highdicom_dx_image.dcm": ExclusionReason.NOT_HUMAN}  # a dog's thorax

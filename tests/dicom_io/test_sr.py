@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,8 +15,12 @@ from pydicom.sr.codedict import codes
 from dicom_io.sr import (
     AlgorithmInfo,
     FindingResult,
+    SRStorageClass,
+    as_comprehensive_sr,
     build_sr,
+    comprehensive_sr_uid,
     device_observer_uid,
+    read_sr,
     result_uids,
 )
 from tests.dicom_io.conftest import make_dx, require_tool
@@ -183,3 +188,130 @@ def test_invalid_inputs_are_named() -> None:
         FindingResult("1", "SCT", "x", probability=1.5, present=True)
     with pytest.raises(ValueError, match="threshold"):
         AlgorithmInfo("n", "v", "m", "", threshold=float("nan"))
+
+
+PIXELMED_JAVA_OPTS = [
+    "-Djdk.xml.xpathExprOpLimit=0",
+    "-Djdk.xml.xpathExprGrpLimit=0",
+    "-Djdk.xml.xpathTotalOpLimit=0",
+]
+
+
+def pixelmed_sr_validator(path: Path) -> str:
+    """Run PixelMed's DicomSRValidator (IOD + template rules); return its output."""
+    java = shutil.which("java")
+    jars = sorted(Path("/usr/share/java").glob("*.jar"))
+    if java is None or not any(j.name.startswith("pixelmed") for j in jars):
+        pytest.skip("java or PixelMed not installed")
+    proc = subprocess.run(
+        [
+            java,
+            *PIXELMED_JAVA_OPTS,
+            "-cp",
+            ":".join(map(str, jars)),
+            "com.pixelmed.validate.DicomSRValidator",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    return proc.stdout + proc.stderr
+
+
+def _dciodvfy_errors(path: Path) -> tuple[str, list[str]]:
+    proc = subprocess.run(
+        [require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60
+    )
+    output = proc.stdout + proc.stderr
+    return output, [line for line in output.splitlines() if line.startswith("Error")]
+
+
+@pytest.fixture
+def air_documents(tmp_path: Path) -> dict[str, Path]:
+    """A two-image, two-finding 3D SR and its Comprehensive SR variant, as files."""
+    study = make_dx().StudyInstanceUID
+    sources = [make_dx(study_uid=study, seed=1), make_dx(study_uid=study, seed=2)]
+    covid = FindingResult("840539006", "SCT", "COVID-19", probability=0.03, present=False)
+    series_uid, sop_uid = result_uids(str(study), ALGORITHM.name, ALGORITHM.version, "SR")
+    sr = build_sr(
+        sources,
+        [PNEUMONIA, covid],
+        ALGORITHM,
+        series_instance_uid=series_uid,
+        sop_instance_uid=sop_uid,
+    )
+    paths = {"3d": tmp_path / "sr3d.dcm", "comprehensive": tmp_path / "sr.dcm"}
+    sr.save_as(paths["3d"], enforce_file_format=True)
+    as_comprehensive_sr(sr).save_as(paths["comprehensive"], enforce_file_format=True)
+    return paths
+
+
+@pytest.mark.dcmtk
+@pytest.mark.parametrize("variant", ["3d", "comprehensive"])
+def test_pixelmed_and_dciodvfy_find_no_errors(air_documents: dict[str, Path], variant: str) -> None:
+    path = air_documents[variant]
+    output = pixelmed_sr_validator(path)
+    iod = "Comprehensive3DSR" if variant == "3d" else "ComprehensiveSR"
+    assert f"Found {iod} IOD" in output
+    assert "Found Root Template TID_1500 (MeasurementReport)" in output
+    assert [line for line in output.splitlines() if line.startswith("Error")] == []
+    dciodvfy_output, errors = _dciodvfy_errors(path)
+    assert iod in dciodvfy_output
+    assert errors == []
+
+
+@pytest.mark.dcmtk
+def test_dsrdump_shows_air_content(air_documents: dict[str, Path]) -> None:
+    proc = subprocess.run(
+        [require_tool("dsrdump"), str(air_documents["3d"])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "Comprehensive 3D SR" in out
+    assert "PRELIMINARY" in out and "UNVERIFIED" in out and "COMPLETE" in out
+    assert 'CODE:(,,"Finding")=(840539006,SCT,"COVID-19")' in out
+    assert 'CODE:(,,"COVID-19")=(272519000,SCT,"Absent")' in out
+    assert 'CODE:(,,"Finding Site")=(39607008,SCT,"Lung")' in out
+    assert '(,,"Device Observer UID")' in out
+    assert '"Tracking Unique Identifier")' in out
+    assert out.count('IMAGE:(,,"Source of Measurement")') == 4  # 2 images x 2 groups
+
+
+def test_read_sr_recovers_finding_probability_and_model(air_documents: dict[str, Path]) -> None:
+    for path in air_documents.values():
+        content = read_sr(dcmread(path))
+        assert content.algorithm_name == ALGORITHM.name
+        assert content.algorithm_version == ALGORITHM.version
+        assert content.algorithm_parameters == {
+            "threshold": "0.42",
+            "weights_sha256": ALGORITHM.weights_sha256,
+        }
+        assert content.device_observer_uid == device_observer_uid(ALGORITHM)
+        by_code = {f.code_value: f for f in content.findings}
+        assert by_code["233604007"].probability == pytest.approx(0.8731)
+        assert by_code["233604007"].present is True
+        assert by_code["840539006"].probability == pytest.approx(0.03)
+        assert by_code["840539006"].present is False
+        assert len(content.source_sop_instance_uids) == 2
+
+
+def test_comprehensive_variant_is_deterministic_and_distinct(
+    air_documents: dict[str, Path],
+) -> None:
+    three_d = dcmread(air_documents["3d"])
+    plain = dcmread(air_documents["comprehensive"])
+    assert plain.SOPClassUID == SRStorageClass.COMPREHENSIVE.value
+    assert plain.file_meta.MediaStorageSOPClassUID == SRStorageClass.COMPREHENSIVE.value
+    assert plain.SOPInstanceUID == comprehensive_sr_uid(three_d.SOPInstanceUID)
+    assert plain.SOPInstanceUID != three_d.SOPInstanceUID
+    assert plain.SeriesInstanceUID == three_d.SeriesInstanceUID
+    with pytest.raises(ValueError, match="not a Comprehensive 3D SR"):
+        as_comprehensive_sr(plain)
+    with pytest.raises(ValueError, match="SOP class"):
+        read_sr(make_dx())

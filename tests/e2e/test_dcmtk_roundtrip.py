@@ -80,7 +80,7 @@ def test_dcmtk_sends_chest_dx_and_receives_sr(
         result = s.scalars(select(Result)).one()
     assert state == "DONE"
     assert result.probability == pytest.approx(sr_probability, abs=1e-3)
-    assert result.model_name == "radflag-pneumonia"
+    assert result.model_name == "radflag-pneumonia-cxr"
     assert result.n_images == 2
     events = [e.event_type for e in audit_trail(sessions, study.study_uid)]
     assert events == [

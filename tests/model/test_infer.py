@@ -69,6 +69,11 @@ def test_default_bundle_gives_probabilities() -> None:
     bundle = _default_bundle()
     assert bundle.card.positive_class == "pneumonia"
     assert bundle.card.finding.value == "233604007"
+    for split in ("validation", "test"):
+        metrics = bundle.card.metrics[split]
+        assert metrics["n"] > 0 and 0.0 <= metrics["auc"] <= 1.0
+    assert bundle.card.training["split"]["test"]["patients"] > 0
+    assert "CC BY 4.0" in bundle.card.training["data_attribution"]
     size = (default_bundle_path() / "model.safetensors").stat().st_size
     assert size <= 25 * 1024 * 1024
     rng = np.random.default_rng(7)
