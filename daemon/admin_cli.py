@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from daemon.settings import load_settings
 from db.admin_timeline import StudyTimeline, study_timeline
 from db.audit import AuditEventType
-from db.engine import make_engine, make_session_factory
+from db.engine import make_engine, make_read_session_factory
 from db.models import utcnow
 from db.queries import AuditQuery, AuditRow, search_audit
 from db.schema import SchemaMismatch, ensure_schema
@@ -122,7 +122,7 @@ def open_sessions(config: str | None) -> sessionmaker[Session]:
     except SchemaMismatch as exc:
         engine.dispose()
         raise AdminError(str(exc)) from None
-    return make_session_factory(engine)
+    return make_read_session_factory(engine)
 
 
 def _t(value: datetime | None, *, ms: bool = False) -> str:
@@ -223,12 +223,12 @@ def write_stats(stats: Stats, fmt: str, out: TextIO) -> None:
     for state, n in stats.deliveries_by_state.items():
         out.write(f"  {state:<18} {n:>8}\n")
     out.write(
-        f"\nSTAGE LATENCY, seconds  {'N':>6} {'p50':>9} {'p90':>9} {'p95':>9} {'p99':>9} "
+        f"\nSTAGE LATENCY, seconds   {'N':>6} {'p50':>9} {'p90':>9} {'p95':>9} {'p99':>9} "
         f"{'max':>9}\n"
     )
     for lat in stats.latencies:
         out.write(
-            f"  {lat.stage:<22}{lat.n:>6} {_num(lat.p50_s):>9} {_num(lat.p90_s):>9} "
+            f"  {lat.stage:<23}{lat.n:>6} {_num(lat.p50_s):>9} {_num(lat.p90_s):>9} "
             f"{_num(lat.p95_s):>9} {_num(lat.p99_s):>9} {_num(lat.max_s):>9}\n"
         )
     out.write("\nPOSITIVE RATE PER MODEL VERSION PER DAY (UTC, current results)\n")

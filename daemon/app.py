@@ -25,6 +25,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.delivery import deliver_due
+from daemon.http.server import HttpServer, start_http_server
+from daemon.metrics import (
+    CountingSink,
+    ObservedProcessor,
+    PipelineMetrics,
+    observe_delivery_round,
+)
 from daemon.models import LoadedModel, load_models
 from daemon.pipeline import StudyProcessor
 from daemon.retention import purge_spool
@@ -88,6 +95,7 @@ class Radflag:
         self.engine: Engine = make_engine(settings.database.url)
         ensure_schema(self.engine, create_if_empty=settings.database.auto_create)
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
+        self.metrics = PipelineMetrics(self.sessions)
         self.spool = Spool(settings.storage.spool_dir)
         self.results = Spool(settings.storage.results_dir)
         self.models = (
@@ -106,7 +114,7 @@ class Radflag:
         self.worker = Worker(
             self.worker_id,
             self.sessions,
-            self.processor,
+            ObservedProcessor(self.processor, self.metrics),
             lease_s=settings.worker.lease_s,
             poll_interval_s=settings.worker.poll_interval_s,
         )
@@ -126,7 +134,7 @@ class Radflag:
                 tls=lst.tls.to_server_tls(),
             ),
             self.spool,
-            DatabaseSink(self.sessions, policy),
+            CountingSink(DatabaseSink(self.sessions, policy), self.metrics),
             on_event=self.on_listener_event,
         )
         tls_names = [d.name for d in settings.destinations if d.tls]
@@ -135,6 +143,7 @@ class Radflag:
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._stopped = threading.Event()
         self._started = False
+        self.http: HttpServer | None = None
 
     def on_listener_event(self, kind: str, detail: dict[str, Any]) -> None:
         """Audit what the listener refused (rejected associations, failed C-STOREs).
@@ -142,6 +151,7 @@ class Radflag:
         Called from pynetdicom's threads; best effort: when the database itself is what failed,
         the event is logged instead.
         """
+        self.metrics.listener_event(kind)
         event = _LISTENER_AUDIT.get(kind)
         if event is None:
             return
@@ -173,7 +183,8 @@ class Radflag:
 
     def deliver(self) -> None:
         """Scheduled: send due outbox entries."""
-        deliver_due(self.sessions, self.settings.delivery, self._delivery_tls)
+        counts = deliver_due(self.sessions, self.settings.delivery, self._delivery_tls)
+        observe_delivery_round(self.metrics, counts)
 
     def purge_spool(self) -> None:
         """Scheduled: purge old pixel data of finished studies (``[retention]``)."""
@@ -184,6 +195,7 @@ class Radflag:
         """Start the scheduler, the worker and then the listener (non-blocking)."""
         self.spool.root.mkdir(parents=True, exist_ok=True)
         self.results.root.mkdir(parents=True, exist_ok=True)
+        self.http = start_http_server(self, self._stopped)  # first: a bad port fails early
         with self.sessions.begin() as session:
             audit(
                 session,
@@ -273,6 +285,8 @@ class Radflag:
             self.scheduler.shutdown(wait=True)
             if not self.worker.stop(timeout_s=max(30.0, self.settings.listener.shutdown_grace_s)):
                 log.warning("worker still busy at shutdown; its study goes back to the queue")
+        if self.http is not None:
+            self.http.stop()
         released = release_own_leases(self.sessions, self.worker_id)
         with self.sessions.begin() as session:
             audit(

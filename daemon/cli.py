@@ -39,14 +39,14 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _cmd_studies(args: argparse.Namespace) -> int:
-    from db.engine import make_engine, make_session_factory
+    from db.engine import make_engine, make_read_session_factory
     from db.queries import list_studies
     from db.schema import ensure_schema
 
     settings = _settings(args)
     engine = make_engine(settings.database.url)
     ensure_schema(engine, create_if_empty=False)
-    rows = list_studies(make_session_factory(engine), limit=args.limit)
+    rows = list_studies(make_read_session_factory(engine), limit=args.limit)
     if args.format == "json":
         print(
             json.dumps(

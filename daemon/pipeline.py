@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import importlib
 import logging
 import time
 from dataclasses import dataclass
@@ -42,7 +41,6 @@ from dicom_io.reader import (
     read_header,
     read_image,
 )
-from dicom_io.render import window_to_uint8
 from dicom_io.sc import build_heatmap_sc, encode_in
 from dicom_io.select import select_images
 from dicom_io.spool import Spool
@@ -55,6 +53,7 @@ from dicom_io.sr import (
 )
 from model.infer import aggregate_study
 from model.pixels import PixelMeta
+from model.preprocess import to_display
 
 log = logging.getLogger(__name__)
 
@@ -129,29 +128,16 @@ class _Payloads:
         return self._written[cache_key]
 
 
-def _explain(
-    loaded: LoadedModel, pixels: npt.NDArray[Any], meta: PixelMeta
-) -> npt.NDArray[np.float32] | None:
-    """Return the model's heatmap of one image (``Classifier.explain``), or None if it has none."""
-    explain = getattr(loaded.classifier, "explain", None)
-    if explain is None:
-        return None
-    (explanation,) = explain([(pixels, meta)])
+def _explain(loaded: LoadedModel, pixels: npt.NDArray[Any], meta: PixelMeta) -> npt.NDArray[Any]:
+    """Return the model's Grad-CAM heatmap of one image (``Classifier.explain``)."""
+    (explanation,) = loaded.classifier.explain([(pixels, meta)])
     return np.asarray(explanation.heatmap, dtype=np.float32)
 
 
-def _display(image: DecodedImage, meta: PixelMeta) -> npt.NDArray[np.uint8]:
-    """Return the image as a viewer shows it: ``model.preprocess.to_display`` when available."""
-    to_display = getattr(importlib.import_module("model.preprocess"), "to_display", None)
-    if to_display is not None:
-        return np.asarray(to_display(image.pixels, meta), dtype=np.uint8)
-    return window_to_uint8(
-        image.pixels,
-        rescale_slope=image.rescale_slope,
-        rescale_intercept=image.rescale_intercept,
-        window_center=image.window_center,
-        window_width=image.window_width,
-        invert=image.photometric == "MONOCHROME1",
+def _display(image: DecodedImage, meta: PixelMeta, loaded: LoadedModel) -> npt.NDArray[np.uint8]:
+    """Return the image as a viewer shows it (:func:`model.preprocess.to_display`)."""
+    return np.asarray(
+        to_display(image.pixels, meta, loaded.bundle.card.preprocess_spec), dtype=np.uint8
     )
 
 
@@ -448,7 +434,7 @@ class StudyProcessor:
         image = decoded[key.header.sop_instance_uid]
         meta = to_pixel_meta(image)
         heatmap = _explain(loaded, image.pixels, meta)
-        display = _display(image, meta)
+        display = _display(image, meta, loaded)
         source = next(ds for ds in sources if str(ds.SOPInstanceUID) == key.header.sop_instance_uid)
         series_uid, sop_uid = result_uids(
             claim.study_instance_uid, algorithm.name, algorithm.version, "SC"

@@ -206,7 +206,8 @@ TRANSFER_SYNTAXES: dict[str, str] = {
 
 
 def _default_outputs() -> list[ResultKind]:
-    return ["SR"]
+    # Both by default: many viewers render no SR, every viewer shows the heatmap picture.
+    return ["SR", "SC"]
 
 
 class DestinationSettings(_Section):
@@ -322,6 +323,25 @@ class LoggingSettings(_Section):
     format: Literal["json", "text"] = "json"
 
 
+class HttpSettings(_Section):
+    """The admin HTTP server: read-only API, dashboard, ``/metrics``, ``/healthz``, ``/readyz``."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    """TCP port; 0 binds an ephemeral port."""
+    token: str = ""
+    """Bearer token of the API and the dashboard's data; "" = API answers 503 (metrics and
+    health need no token)."""
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: str) -> str:
+        if v and (len(v) < 16 or not v.isprintable() or " " in v):
+            raise ValueError("must be at least 16 printable characters without spaces")
+        return v
+
+
 class Settings(_Section):
     """Everything radflag reads from its configuration."""
 
@@ -337,6 +357,7 @@ class Settings(_Section):
     privacy: PrivacySettings = PrivacySettings()
     retention: RetentionSettings = RetentionSettings()
     logging: LoggingSettings = LoggingSettings()
+    http: HttpSettings = HttpSettings()
 
     @model_validator(mode="after")
     def _unique_destinations(self) -> Settings:

@@ -59,12 +59,29 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the write lock up front (no lock-upgrade failures under contention);
+        # read-only sessions (make_read_session_factory) begin DEFERRED and never block writers.
+        mode = connection.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+        connection.exec_driver_sql(f"BEGIN {mode}")
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     """Return a session factory whose objects stay readable after commit."""
     return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def make_read_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Return a session factory for read-only work (admin queries, dashboards).
+
+    On SQLite its transactions begin ``DEFERRED`` (a WAL snapshot that never blocks the
+    daemon's writers); elsewhere it is the same as :func:`make_session_factory`.
+    """
+    bound = (
+        engine.execution_options(sqlite_begin="DEFERRED")
+        if engine.dialect.name == "sqlite"
+        else engine
+    )
+    return sessionmaker(bind=bound, expire_on_commit=False)
 
 
 def is_postgresql(engine: Engine) -> bool:

@@ -182,7 +182,7 @@ def encode_in(ds: Dataset, transfer_syntax_uid: str) -> Dataset:
         uid = ExplicitVRLittleEndian
     if uid.is_compressed:
         try:
-            out.compress(uid)
+            out.compress(uid, generate_instance_uid=False)  # same object, same UID
         except Exception as exc:  # noqa: BLE001 - any encoder failure is reported by name
             raise ValueError(f"cannot encode the pixel data in {uid.name}: {exc}") from exc
     elif uid not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):

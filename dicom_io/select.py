@@ -191,7 +191,13 @@ class SelectionResult:
     excluded: list[tuple[ImageHeader, str]] = field(default_factory=list)
 
 
-def _is_own_output_kind(sop_class_uid: str) -> bool:
+def is_never_classified(sop_class_uid: str) -> bool:
+    """Return True for SOP classes the loop guard excludes: SR, presentation states, SC.
+
+    radflag emits SR and Secondary Capture objects itself; a PACS that routes a study back
+    sends them too. Callers (e.g. study assembly) may use this to avoid re-opening a finished
+    study for such an instance.
+    """
     return (
         sop_class_uid.startswith(_SECONDARY_CAPTURE_PREFIX)
         or sop_class_uid.startswith(_SR_PREFIX)
@@ -222,7 +228,7 @@ def exclusion_reason(
     modality = (header.modality or "").strip().upper()
     if not modality:
         return ExclusionReason.MODALITY_MISSING
-    if _is_own_output_kind(header.sop_class_uid):
+    if is_never_classified(header.sop_class_uid):
         return ExclusionReason.OWN_OUTPUT_KIND
     if modality not in wanted:
         return ExclusionReason.MODALITY_NOT_SUPPORTED

@@ -279,3 +279,29 @@ def save_bundle(path: Path, model: torch.nn.Module, card: ModelCard) -> Bundle:
     final = card.model_copy(update={"weights_sha256": file_sha256(weights)})
     _atomic_write(path / CARD_FILE, lambda tmp: tmp.write_text(final.to_json(), encoding="utf-8"))
     return load_bundle(path)
+
+
+def write_card(path: Path, card: ModelCard) -> Bundle:
+    """Replace a bundle's card (e.g. a new threshold) without touching its weights.
+
+    The weights' sha256 must still match the card: the identity of the model does not
+    change, only its operating point and the record of that change.
+
+    Parameters
+    ----------
+    path
+        Bundle folder.
+    card
+        New card.
+
+    Raises
+    ------
+    BundleError
+        When the card's sha256 does not match the weights on disk.
+    """
+    path = Path(path)
+    actual = file_sha256(path / WEIGHTS_FILE)
+    if card.weights_sha256 != actual:
+        raise BundleError(f"card sha256 {card.weights_sha256} does not match weights {actual}")
+    _atomic_write(path / CARD_FILE, lambda tmp: tmp.write_text(card.to_json(), encoding="utf-8"))
+    return load_bundle(path)

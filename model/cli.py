@@ -13,6 +13,17 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
+def _parse_excludes(items: list[str] | None) -> dict[str, list[str]]:
+    """Turn ``["view=L", "view=LL"]`` into ``{"view": ["L", "LL"]}``."""
+    out: dict[str, list[str]] = {}
+    for item in items or []:
+        column, sep, value = item.partition("=")
+        if not sep or not column.strip():
+            raise SystemExit(f"error: --exclude wants COLUMN=VALUE, got {item!r}")
+        out.setdefault(column.strip(), []).append(value.strip())
+    return out
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from model.bundle import CodedFinding
     from model.train import TrainConfig, train
@@ -48,6 +59,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         data_attribution=args.data_attribution,
         command="radflag " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         progress=not args.no_progress,
+        exclude=_parse_excludes(args.exclude),
+        init=args.init,
+        head_epochs=args.head_epochs,
+        finetune_lr_scale=args.finetune_lr_scale,
     )
     try:
         result = train(config)
@@ -183,6 +198,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     t.add_argument("--description", default="")
     t.add_argument("--limitations", default="")
     t.add_argument("--data-attribution", default="")
+    t.add_argument(
+        "--exclude",
+        action="append",
+        metavar="COLUMN=VALUE",
+        help="leave out labels.csv rows with this value (repeatable), e.g. view=L",
+    )
+    t.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        metavar="BUNDLE",
+        help="fine-tune from this bundle (its architecture and preprocessing; new head): "
+        "phase 1 head only with the backbone frozen, phase 2 all layers at a lower LR",
+    )
+    t.add_argument("--head-epochs", type=int, default=2, help="phase 1 epochs with --init")
+    t.add_argument(
+        "--finetune-lr-scale", type=float, default=0.1, help="phase 2 LR factor with --init"
+    )
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_train)
 

@@ -6,6 +6,7 @@ import csv
 import logging
 import random
 from collections import defaultdict
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,14 +24,19 @@ class LabeledImage:
     patient_id: str
 
 
-def read_labels_csv(csv_path: Path) -> list[LabeledImage]:
+def read_labels_csv(
+    csv_path: Path, exclude: Mapping[str, Collection[str]] | None = None
+) -> list[LabeledImage]:
     """Read ``filename,label,patient_id`` rows; filenames are relative to the csv folder.
 
     Parameters
     ----------
     csv_path
-        The ``labels.csv`` file. Extra columns are ignored; an empty ``patient_id`` makes
-        the image its own patient.
+        The ``labels.csv`` file. Extra columns are ignored unless named in ``exclude``; an
+        empty ``patient_id`` makes the image its own patient.
+    exclude
+        Rows whose column ``key`` holds one of the given values are left out (e.g.
+        ``{"view": ["L"]}`` keeps frontal views only); the count is logged.
 
     Raises
     ------
@@ -42,16 +48,25 @@ def read_labels_csv(csv_path: Path) -> list[LabeledImage]:
     records: list[LabeledImage] = []
     with csv_path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
-        missing = {"filename", "label"} - set(reader.fieldnames or [])
+        missing = {"filename", "label", *(exclude or {})} - set(reader.fieldnames or [])
         if missing:
             raise ValueError(f"{csv_path}: missing columns {sorted(missing)}")
+        dropped = 0
         for line, row in enumerate(reader, start=2):
+            if any((row.get(col) or "").strip() in vals for col, vals in (exclude or {}).items()):
+                dropped += 1
+                continue
             filename = (row.get("filename") or "").strip()
             label = (row.get("label") or "").strip()
             if not filename or not label:
                 raise ValueError(f"{csv_path}:{line}: empty filename or label")
             patient = (row.get("patient_id") or "").strip() or f"file:{filename}"
             records.append(LabeledImage(base / filename, label, patient))
+    if exclude:
+        logger.info(
+            "excluded rows by column value",
+            extra={"csv": str(csv_path), "excluded": dropped, "kept": len(records)},
+        )
     return records
 
 
@@ -73,13 +88,17 @@ def read_class_folders(root: Path) -> list[LabeledImage]:
     return records
 
 
-def read_dataset(data: Path) -> list[LabeledImage]:
+def read_dataset(
+    data: Path, exclude: Mapping[str, Collection[str]] | None = None
+) -> list[LabeledImage]:
     """Read a dataset given as a ``labels.csv`` file, a folder holding one, or class folders.
 
     Parameters
     ----------
     data
         Path to the csv or the dataset folder.
+    exclude
+        Column -> values to leave out (csv datasets only; see :func:`read_labels_csv`).
 
     Raises
     ------
@@ -88,10 +107,12 @@ def read_dataset(data: Path) -> list[LabeledImage]:
     """
     data = Path(data)
     if data.is_file():
-        records = read_labels_csv(data)
+        records = read_labels_csv(data, exclude)
     elif (data / "labels.csv").is_file():
-        records = read_labels_csv(data / "labels.csv")
+        records = read_labels_csv(data / "labels.csv", exclude)
     elif data.is_dir():
+        if exclude:
+            raise ValueError(f"{data}: column exclusions need a labels.csv dataset")
         records = read_class_folders(data)
     else:
         raise ValueError(f"dataset not found: {data}")

@@ -12,6 +12,7 @@ import numpy.typing as npt
 import torch
 
 from model.bundle import Bundle
+from model.explain import Explanation, cam_to_source, grad_cam
 from model.pixels import PixelMeta
 from model.preprocess import preprocess
 
@@ -146,3 +147,33 @@ class Classifier:
         tensors = [preprocess(pixels, meta, self.spec) for pixels, meta in items]
         probs = self.predict(tensors)
         return [ImagePrediction(float(p), bool(p >= self.threshold)) for p in probs]
+
+    def explain(self, items: Sequence[tuple[npt.NDArray[Any], PixelMeta]]) -> list[Explanation]:
+        """Classify images and return a Grad-CAM heatmap with each probability.
+
+        Same preprocessing, device, batching and (on CUDA) autocast as :meth:`classify`;
+        the probabilities agree with it within 1e-5. Grad-CAM uses the last convolutional
+        stage of the timm network (:func:`model.explain.grad_cam`); each heatmap is mapped
+        back onto its source image's (H, W) grid.
+
+        Parameters
+        ----------
+        items
+            (stored pixels, metadata) pairs, as for :meth:`classify`.
+
+        Returns
+        -------
+        list of Explanation
+            One per item, in order.
+        """
+        shapes = [(int(np.shape(p)[0]), int(np.shape(p)[1])) for p, _ in items]
+        tensors = [preprocess(pixels, meta, self.spec) for pixels, meta in items]
+        use_cuda = self.device.type == "cuda"
+        out: list[Explanation] = []
+        for start in range(0, len(tensors), self.batch_size):
+            batch = self._batch_tensor(tensors[start : start + self.batch_size])
+            probs, cams = grad_cam(self._net, batch, autocast=use_cuda)
+            for offset, (prob, cam) in enumerate(zip(probs, cams, strict=True)):
+                heatmap = cam_to_source(cam, shapes[start + offset], self.spec.input_size)
+                out.append(Explanation(probability=float(prob), heatmap=heatmap))
+        return out

@@ -8,6 +8,7 @@ transforms to the model input tensor.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ FloatArray = npt.NDArray[np.float32]
 
 # ITU-R BT.601 luma weights, the same PIL uses for mode "L".
 _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+
+DEFAULT_PERCENTILE_LOW = 0.5
+DEFAULT_PERCENTILE_HIGH = 99.5
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,8 @@ class PreprocessSpec:
     channels: int
     mean: float = 0.5
     std: float = 0.25
-    percentile_low: float = 0.5
-    percentile_high: float = 99.5
+    percentile_low: float = DEFAULT_PERCENTILE_LOW
+    percentile_high: float = DEFAULT_PERCENTILE_HIGH
 
     def __post_init__(self) -> None:
         """Validate eagerly, naming the offending argument."""
@@ -91,6 +95,20 @@ class PreprocessSpec:
         return cls(**data)
 
 
+def _validated(pixels: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """Return ``pixels`` as (H, W) or (H, W, 3) after checking shape and dtype (no copy)."""
+    arr = np.asarray(pixels)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+        raise ValueError(f"pixels must have shape (H, W) or (H, W, 3), got {arr.shape}")
+    if arr.shape[0] < 2 or arr.shape[1] < 2:
+        raise ValueError(f"image too small: {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ValueError(f"pixels must be numeric, got dtype {arr.dtype}")
+    return arr
+
+
 def to_grey(pixels: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
     """Return a 2-D float64 array from (H, W), (H, W, 1) or (H, W, 3) input.
 
@@ -99,17 +117,9 @@ def to_grey(pixels: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
     pixels
         Stored pixel values; RGB is reduced to luma (ITU-R BT.601).
     """
-    arr = np.asarray(pixels)
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    if arr.ndim == 3 and arr.shape[2] == 3:
+    arr = _validated(pixels)
+    if arr.ndim == 3:
         return arr.astype(np.float64) @ _LUMA_WEIGHTS
-    if arr.ndim != 2:
-        raise ValueError(f"pixels must have shape (H, W) or (H, W, 3), got {arr.shape}")
-    if arr.shape[0] < 2 or arr.shape[1] < 2:
-        raise ValueError(f"image too small: {arr.shape}")
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise ValueError(f"pixels must be numeric, got dtype {arr.dtype}")
     return arr.astype(np.float64)
 
 
@@ -153,6 +163,11 @@ def scale_percentiles(
         Percentiles in [0, 100].
     """
     lo, hi = np.percentile(values, [low, high])
+    return _stretch(values, float(lo), float(hi))
+
+
+def _stretch(values: npt.NDArray[np.float64], lo: float, hi: float) -> npt.NDArray[np.float64]:
+    """Map ``lo``/``hi`` to 0/1 and clip; all zeros when there is no contrast."""
     if hi <= lo:
         # Constant (or nearly) image: no contrast to stretch.
         return np.zeros_like(values)
@@ -160,8 +175,138 @@ def scale_percentiles(
     return scaled
 
 
-def to_unit_range(pixels: npt.NDArray[Any], meta: PixelMeta, spec: PreprocessSpec) -> FloatArray:
+def histogram_percentiles(
+    values: npt.NDArray[np.float64], counts: npt.NDArray[np.int64], qs: Sequence[float]
+) -> list[float]:
+    """Percentiles of a sample given as sorted distinct values and their counts.
+
+    Identical to ``numpy.percentile(sample, qs)`` (method ``linear``) on the expanded
+    sample, without sorting it.
+
+    Parameters
+    ----------
+    values
+        Distinct values, ascending.
+    counts
+        How often each value occurs (zeros allowed).
+    qs
+        Percentiles in [0, 100].
+    """
+    cum = np.cumsum(counts)
+    n = int(cum[-1])
+    if n == 0:
+        raise ValueError("percentiles of an empty sample")
+    out: list[float] = []
+    for q in qs:
+        pos = q / 100.0 * (n - 1)
+        k = int(np.floor(pos))
+        frac = pos - k
+        v_k = float(values[int(np.searchsorted(cum, k, side="right"))])
+        v_next = float(values[int(np.searchsorted(cum, min(k + 1, n - 1), side="right"))])
+        out.append(v_k + frac * (v_next - v_k) if frac > 0 else v_k)
+    return out
+
+
+# Integer images whose value range fits this many entries go through a lookup table:
+# every grey-level step is a function of the stored value alone (PS3.4 N.2), so mapping
+# the distinct values once and indexing is exact and avoids float work per pixel.
+_LUT_MAX_ENTRIES = 1 << 17
+_LUT_MIN_PIXELS = 1 << 14
+
+
+def _unit_lookup(
+    arr: npt.NDArray[Any], meta: PixelMeta, percentile_low: float, percentile_high: float
+) -> FloatArray | None:
+    """Run the grayscale pipeline of :func:`unit_intensity` as a lookup table, or return None."""
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer) or arr.size < _LUT_MIN_PIXELS:
+        return None
+    lo_stored, hi_stored = int(arr.min()), int(arr.max())
+    n_entries = hi_stored - lo_stored + 1
+    if n_entries > _LUT_MAX_ENTRIES:
+        return None
+    if np.issubdtype(arr.dtype, np.unsignedinteger) and hi_stored < 1 << 16:
+        index = arr if lo_stored == 0 else arr - arr.dtype.type(lo_stored)
+    else:
+        index = (arr.astype(np.int64) - lo_stored).astype(np.int32)
+    stored = np.arange(lo_stored, hi_stored + 1, dtype=np.float64)
+    values = stored * meta.rescale_slope + meta.rescale_intercept
+    if meta.has_window:
+        assert meta.window_center is not None and meta.window_width is not None
+        table = apply_voi_window(
+            values, meta.window_center, meta.window_width, meta.voi_lut_function
+        )
+    else:
+        counts = np.bincount(index.ravel(), minlength=n_entries)
+        ascending = slice(None) if meta.rescale_slope > 0 else slice(None, None, -1)
+        p_lo, p_hi = histogram_percentiles(
+            values[ascending], counts[ascending], (percentile_low, percentile_high)
+        )
+        table = _stretch(values, p_lo, p_hi)
+    if meta.photometric == "MONOCHROME1":
+        table = 1.0 - table
+    lut = table.astype(np.float32)
+    unit: FloatArray = lut[index]
+    return unit
+
+
+def unit_intensity(
+    pixels: npt.NDArray[Any],
+    meta: PixelMeta,
+    percentile_low: float = DEFAULT_PERCENTILE_LOW,
+    percentile_high: float = DEFAULT_PERCENTILE_HIGH,
+) -> FloatArray:
     """Run the grayscale pipeline up to a [0, 1] image where 1 is white (PS3.4 N.2).
+
+    The one intensity code path shared by :func:`preprocess` (model input) and
+    :func:`to_display` (what a viewer shows): Modality LUT (PS3.3 C.11.1, linear rescale)
+    -> VOI window (PS3.3 C.11.2.1.2, if usable; else the percentile range of the image)
+    -> MONOCHROME1 inversion (PS3.3 C.7.6.3.1.2). No spatial change.
+
+    Parameters
+    ----------
+    pixels
+        Stored values (H, W) or RGB (H, W, 3).
+    meta
+        Pixel metadata from the reader.
+    percentile_low, percentile_high
+        Percentiles mapped to 0 and 1 when no usable VOI window is present.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 (H, W) in [0, 1].
+    """
+    arr = _validated(pixels)
+    is_rgb = meta.photometric == "RGB" or arr.ndim == 3
+    problem = meta.window_problem()
+    if problem not in (None, "absent"):
+        logger.warning(
+            "ignoring unusable VOI window; using the image intensity range",
+            extra={"reason": problem},
+        )
+    if not is_rgb:
+        fast = _unit_lookup(arr, meta, percentile_low, percentile_high)
+        if fast is not None:
+            return fast
+    values = to_grey(arr)
+    if not np.all(np.isfinite(values)):
+        raise ValueError("pixels contain NaN or infinite values")
+    if not is_rgb:
+        values = values * meta.rescale_slope + meta.rescale_intercept
+    if meta.has_window and not is_rgb:
+        assert meta.window_center is not None and meta.window_width is not None
+        unit = apply_voi_window(
+            values, meta.window_center, meta.window_width, meta.voi_lut_function
+        )
+    else:
+        unit = scale_percentiles(values, percentile_low, percentile_high)
+    if meta.photometric == "MONOCHROME1":
+        unit = 1.0 - unit
+    return unit.astype(np.float32)
+
+
+def to_unit_range(pixels: npt.NDArray[Any], meta: PixelMeta, spec: PreprocessSpec) -> FloatArray:
+    """Return :func:`unit_intensity` with the percentiles of ``spec``.
 
     Parameters
     ----------
@@ -172,28 +317,78 @@ def to_unit_range(pixels: npt.NDArray[Any], meta: PixelMeta, spec: PreprocessSpe
     spec
         Preprocessing spec (percentiles used when no window is present).
     """
-    is_rgb = meta.photometric == "RGB" or (np.ndim(pixels) == 3 and np.shape(pixels)[2] == 3)
-    values = to_grey(pixels)
-    if not np.all(np.isfinite(values)):
-        raise ValueError("pixels contain NaN or infinite values")
-    if not is_rgb:
-        values = values * meta.rescale_slope + meta.rescale_intercept
-    problem = meta.window_problem()
-    if problem not in (None, "absent"):
-        logger.warning(
-            "ignoring unusable VOI window; using the image intensity range",
-            extra={"reason": problem},
-        )
-    if meta.has_window and not is_rgb:
-        assert meta.window_center is not None and meta.window_width is not None
-        unit = apply_voi_window(
-            values, meta.window_center, meta.window_width, meta.voi_lut_function
-        )
-    else:
-        unit = scale_percentiles(values, spec.percentile_low, spec.percentile_high)
-    if meta.photometric == "MONOCHROME1":
-        unit = 1.0 - unit
-    return unit.astype(np.float32)
+    return unit_intensity(pixels, meta, spec.percentile_low, spec.percentile_high)
+
+
+def to_display(
+    pixels: npt.NDArray[Any], meta: PixelMeta, spec: PreprocessSpec | None = None
+) -> npt.NDArray[np.uint8]:
+    """Return the image as a viewer presents it: uint8 (H, W), 255 is white, no resize.
+
+    The same intensity path as :func:`preprocess` (:func:`unit_intensity`: Modality LUT,
+    VOI window or percentile fallback, MONOCHROME1 inversion; PS3.4 N.2), quantised to
+    8 bits for a Secondary Capture (PS3.3 A.8) or an overlay.
+
+    Parameters
+    ----------
+    pixels
+        Stored values (H, W) or RGB (H, W, 3).
+    meta
+        Pixel metadata.
+    spec
+        Bundle spec whose percentiles to use without a window (default 0.5 / 99.5).
+    """
+    low = spec.percentile_low if spec is not None else DEFAULT_PERCENTILE_LOW
+    high = spec.percentile_high if spec is not None else DEFAULT_PERCENTILE_HIGH
+    unit = unit_intensity(pixels, meta, low, high)
+    shown: npt.NDArray[np.uint8] = np.rint(unit * 255.0).astype(np.uint8)
+    return shown
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where a source image lands inside the square model input.
+
+    Attributes
+    ----------
+    input_size
+        Side of the model input.
+    resized_h, resized_w
+        Size of the resized image inside the input.
+    pad_top, pad_left
+        Offset of the resized image (symmetric padding, extra pixel at the end).
+    """
+
+    input_size: int
+    resized_h: int
+    resized_w: int
+    pad_top: int
+    pad_left: int
+
+
+def letterbox_geometry(shape: tuple[int, int], input_size: int) -> Letterbox:
+    """Return the letterbox placement used by :func:`preprocess` for a (H, W) image.
+
+    Mirrors MONAI ``Resize(size_mode="longest")`` (``round(side * input_size / longest)``)
+    followed by symmetric ``SpatialPad``.
+
+    Parameters
+    ----------
+    shape
+        Source (H, W).
+    input_size
+        Side of the square model input.
+    """
+    height, width = int(shape[0]), int(shape[1])
+    scale = input_size / max(height, width)
+    resized_h, resized_w = int(round(height * scale)), int(round(width * scale))
+    return Letterbox(
+        input_size=input_size,
+        resized_h=resized_h,
+        resized_w=resized_w,
+        pad_top=(input_size - resized_h) // 2,
+        pad_left=(input_size - resized_w) // 2,
+    )
 
 
 def _spatial_chain(spec: PreprocessSpec) -> Compose:

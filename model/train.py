@@ -34,6 +34,7 @@ from model.bundle import (
     CodedFinding,
     ModelCard,
     build_network,
+    load_bundle,
     save_bundle,
 )
 from model.data import LabeledImage, PatientSplit, patient_split, read_dataset
@@ -78,6 +79,10 @@ class TrainConfig:
     data_attribution: str = ""
     command: str = ""
     progress: bool = True
+    exclude: dict[str, list[str]] = field(default_factory=dict)
+    init: Path | None = None
+    head_epochs: int = 2
+    finetune_lr_scale: float = 0.1
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly summary of the settings that shape the model."""
@@ -94,6 +99,10 @@ class TrainConfig:
             "patience": self.patience,
             "target_sensitivity": self.target_sensitivity,
             "limit": self.limit,
+            "exclude": {k: sorted(v) for k, v in sorted(self.exclude.items())},
+            "init": str(self.init) if self.init is not None else None,
+            "head_epochs": self.head_epochs if self.init is not None else 0,
+            "finetune_lr_scale": self.finetune_lr_scale if self.init is not None else 1.0,
         }
 
 
@@ -181,14 +190,78 @@ def cache_images(
     return out
 
 
-def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+def _lr_lambda(
+    total_steps: int, warmup_steps: int, head_steps: int = 0, finetune_scale: float = 1.0
+) -> Callable[[int], float]:
+    """Warm-up, then cosine decay; after ``head_steps`` (phase 2) scaled by ``finetune_scale``."""
+
     def factor(step: int) -> float:
+        phase = finetune_scale if step >= head_steps > 0 else 1.0
         if step < warmup_steps:
-            return (step + 1) / warmup_steps
+            return phase * (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return phase * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
     return factor
+
+
+def init_from_bundle(bundle: Bundle) -> torch.nn.Module:
+    """Return a network with ``bundle``'s backbone weights and a freshly initialised head.
+
+    Parameters
+    ----------
+    bundle
+        The bundle to fine-tune from (its architecture and preprocessing are kept).
+    """
+    net = build_network(bundle.card.architecture, bundle.card.preprocess_spec)
+    net.load_state_dict(bundle.model.state_dict())
+    reset = getattr(net, "reset_classifier", None)
+    if reset is None:
+        raise ValueError(f"{bundle.card.architecture} has no reset_classifier (not a timm model)")
+    reset(1)
+    return net
+
+
+def head_parameters(net: torch.nn.Module) -> set[int]:
+    """Return the ids of the classifier head's parameters (timm ``get_classifier``).
+
+    Parameters
+    ----------
+    net
+        A timm network.
+    """
+    get_classifier = getattr(net, "get_classifier", None)
+    if get_classifier is None:
+        raise ValueError(f"{type(net).__name__} has no get_classifier (not a timm model)")
+    head: torch.nn.Module = get_classifier()
+    ids = {id(p) for p in head.parameters()}
+    if not ids:
+        raise ValueError(f"{type(net).__name__} has a classifier head without parameters")
+    return ids
+
+
+def set_phase(net: torch.nn.Module, head_ids: set[int], frozen_backbone: bool) -> None:
+    """Put ``net`` in training mode for phase 1 (head only) or phase 2 (all layers).
+
+    In phase 1 the backbone's parameters get no gradient and its BatchNorm statistics
+    stay fixed (backbone in eval mode); only the head trains.
+
+    Parameters
+    ----------
+    net
+        The network.
+    head_ids
+        From :func:`head_parameters`.
+    frozen_backbone
+        True for phase 1.
+    """
+    for param in net.parameters():
+        param.requires_grad_(not frozen_backbone or id(param) in head_ids)
+    net.train()
+    if frozen_backbone:
+        net.eval()
+        head: torch.nn.Module = net.get_classifier()  # type: ignore[operator]
+        head.train()
 
 
 def predict_cached(
@@ -248,7 +321,8 @@ def train(config: TrainConfig) -> TrainResult:
     """
     started = time.perf_counter()
     seed_everything(config.seed)
-    records = read_dataset(config.data)
+    init_bundle = load_bundle(config.init) if config.init is not None else None
+    records = read_dataset(config.data, config.exclude)
     classes = sorted({r.label for r in records})
     if len(classes) != 2:
         raise ValueError(f"need exactly two classes, found {classes}")
@@ -261,7 +335,22 @@ def train(config: TrainConfig) -> TrainResult:
     )
     if not split.train or not split.val:
         raise ValueError("training or validation split is empty; use more data")
-    spec = PreprocessSpec(input_size=config.input_size, channels=config.channels)
+    if init_bundle is not None:
+        # fine-tuning keeps the initial bundle's network and preprocessing
+        spec = init_bundle.card.preprocess_spec
+        arch = init_bundle.card.architecture
+        if (arch, spec.input_size, spec.channels) != (
+            config.arch,
+            config.input_size,
+            config.channels,
+        ):
+            logger.info(
+                "fine-tuning uses the initial bundle's architecture and preprocessing",
+                extra={"arch": arch, "input_size": spec.input_size, "channels": spec.channels},
+            )
+        config.arch, config.input_size, config.channels = arch, spec.input_size, spec.channels
+    else:
+        spec = PreprocessSpec(input_size=config.input_size, channels=config.channels)
     x_train = cache_images(split.train, spec, config.progress, "cache train")
     x_val = cache_images(split.val, spec, config.progress, "cache val")
     y_train = torch.tensor(
@@ -269,7 +358,13 @@ def train(config: TrainConfig) -> TrainResult:
     )
     y_val = np.array([r.label == config.positive_class for r in split.val], dtype=bool)
 
-    net = build_network(config.arch, spec)
+    net = (
+        init_from_bundle(init_bundle)
+        if init_bundle is not None
+        else build_network(config.arch, spec)
+    )
+    head_ids = head_parameters(net)
+    head_epochs = config.head_epochs if init_bundle is not None else 0
     n_pos = float(y_train.sum())
     n_neg = float(len(y_train) - n_pos)
     pos_weight = torch.tensor([n_neg / max(n_pos, 1.0)])
@@ -277,7 +372,13 @@ def train(config: TrainConfig) -> TrainResult:
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, len(x_train) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(steps_per_epoch * config.epochs, min(steps_per_epoch, 100))
+        optimizer,
+        _lr_lambda(
+            steps_per_epoch * config.epochs,
+            min(steps_per_epoch, 100),
+            head_steps=steps_per_epoch * head_epochs,
+            finetune_scale=config.finetune_lr_scale if init_bundle is not None else 1.0,
+        ),
     )
     aug = build_augmentation(config.input_size)
 
@@ -315,7 +416,7 @@ def train(config: TrainConfig) -> TrainResult:
         order = torch.randperm(
             len(x_train), generator=torch.Generator().manual_seed(config.seed + epoch)
         )
-        net.train()
+        set_phase(net, head_ids, frozen_backbone=epoch < head_epochs)
         total_loss, seen = 0.0, 0
         bar = tqdm(
             range(steps_per_epoch),
@@ -350,6 +451,7 @@ def train(config: TrainConfig) -> TrainResult:
             "val_auc": val_auc,
             "val_accuracy_at_0.5": val_acc,
             "lr": float(scheduler.get_last_lr()[0]),
+            "phase": 1.0 if epoch < head_epochs else 2.0,
         }
         history.append(record)
         if val_auc > best_auc + 1e-4 or best_epoch < 0:
@@ -381,6 +483,7 @@ def train(config: TrainConfig) -> TrainResult:
         logger.info(msg)
 
     net.load_state_dict(best_state)
+    set_phase(net, head_ids, frozen_backbone=False)
     net.eval()
     val_probs = predict_cached(net, x_val)
     threshold = choose_threshold(y_val, val_probs, config.target_sensitivity)
@@ -424,6 +527,24 @@ def train(config: TrainConfig) -> TrainResult:
             "else Youden"
         ),
         "settings": config.to_dict(),
+        **(
+            {
+                "init": {
+                    "bundle": str(config.init),
+                    "name": init_bundle.card.name,
+                    "version": init_bundle.card.version,
+                    "weights_sha256": init_bundle.card.weights_sha256,
+                },
+                "fine_tuning": (
+                    f"two-phase: epochs 1-{head_epochs} new head only (backbone frozen, "
+                    f"BatchNorm statistics fixed), then all layers at "
+                    f"{config.finetune_lr_scale}x the learning rate"
+                ),
+            }
+            if init_bundle is not None
+            else {}
+        ),
+        **({"excluded": config.to_dict()["exclude"]} if config.exclude else {}),
         "software": {
             "python": platform.python_version(),
             "torch": torch.__version__,

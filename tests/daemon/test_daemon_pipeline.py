@@ -47,11 +47,15 @@ def test_study_classified_and_sr_delivered(tmp_path: Path, pacs: PacsStandIn, st
     sent = dcmsend(app.port, chest, extra)
     assert sent.returncode == 0, sent.stderr
 
-    (sr,) = pacs.wait_for(1)
+    received = {str(ds.SOPClassUID): ds for ds in pacs.wait_for(2)}
+    sr = received["1.2.840.10008.5.1.4.1.1.88.34"]  # Comprehensive 3D SR
+    sc = received["1.2.840.10008.5.1.4.1.1.7"]  # Secondary Capture (heatmap)
+    assert sc.StudyInstanceUID == study_uid and sc.BurnedInAnnotation == "YES"
+    assert sc.SeriesInstanceUID not in {sr.SeriesInstanceUID, header.SeriesInstanceUID}
     assert sr.StudyInstanceUID == study_uid
     assert sr.PatientID == dcmread(chest, stop_before_pixels=True).PatientID
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
-    assert pacs.calling_aes == ["RADFLAG"]
+    assert pacs.calling_aes == ["RADFLAG", "RADFLAG"]
     codes = {
         item.ConceptCodeSequence[0].CodeValue
         for item in _content_items(sr)
@@ -87,7 +91,9 @@ def test_study_classified_and_sr_delivered(tmp_path: Path, pacs: PacsStandIn, st
         "STUDY_CLAIMED",
         "IMAGES_SELECTED",
         "DELIVERY_QUEUED",
+        "DELIVERY_QUEUED",
         "STUDY_CLASSIFIED",
+        "DELIVERY_SENT",
         "DELIVERY_SENT",
         "STUDY_DONE",
     ]
@@ -171,8 +177,9 @@ def test_restart_resumes_receiving_studies_and_pending_sends(
     app2 = Radflag(up, models=tiny_models)
     app2.start()
     try:
-        (sr,) = pacs.wait_for(1)
-        assert sr.StudyInstanceUID == uid
+        received = pacs.wait_for(2)
+        assert {ds.Modality for ds in received} == {"SR", "OT"}
+        assert {ds.StudyInstanceUID for ds in received} == {uid}
         wait_until(lambda: _study_state(app2, uid) == "DONE", what="DONE after restart")
         with app2.sessions() as s:
             attempts = s.scalars(select(DeliveryAttempt)).all()

@@ -133,7 +133,8 @@ def test_encode_in_is_lossless(tmp_path: Path, syntax: str) -> None:
     back = dcmread(path)
     assert back.file_meta.TransferSyntaxUID == syntax
     assert np.array_equal(back.pixel_array, sc.pixel_array)
-    assert "PixelData" in sc and sc.file_meta.TransferSyntaxUID != syntax  # original untouched
+    assert back.SOPInstanceUID == sc.SOPInstanceUID  # same object, only re-encoded
+    assert sc.file_meta.TransferSyntaxUID != syntax  # original untouched
 
 
 def test_bad_inputs_are_named() -> None:

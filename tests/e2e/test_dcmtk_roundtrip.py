@@ -48,8 +48,13 @@ def test_dcmtk_sends_chest_dx_and_receives_sr(
     sent = dcmsend(serve.port, study.paths, ns=netns, called_aet="RADFLAG", calling_aet="MODALITY")
     assert sent.returncode == 0, sent.stdout + sent.stderr
 
-    (sr_path,) = storescp.wait_for(1, timeout_s=120)
+    by_modality = {
+        dcmread(p, stop_before_pixels=True).Modality: p for p in storescp.wait_for(2, timeout_s=120)
+    }
+    sr_path, sc_path = by_modality["SR"], by_modality["OT"]
     sr = dcmread(sr_path)
+    sc = dcmread(sc_path)
+    assert sc.StudyInstanceUID == study.study_uid and sc.BurnedInAnnotation == "YES"
     assert sr.Modality == "SR"
     assert sr.StudyInstanceUID == study.study_uid
     assert sr.PatientID == study.patient_id
@@ -67,11 +72,12 @@ def test_dcmtk_sends_chest_dx_and_receives_sr(
     assert match, dump.stdout
     sr_probability = float(match.group(1))
 
-    dciodvfy = subprocess.run(
-        [_tool("dciodvfy"), str(sr_path)], capture_output=True, text=True, timeout=60, check=False
-    )
-    errors = [line for line in dciodvfy.stderr.splitlines() if line.startswith("Error")]
-    assert errors == [], dciodvfy.stderr
+    for path in (sr_path, sc_path):
+        dciodvfy = subprocess.run(
+            [_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60, check=False
+        )
+        errors = [line for line in dciodvfy.stderr.splitlines() if line.startswith("Error")]
+        assert errors == [], dciodvfy.stderr
 
     assert serve.stop() == 0  # SIGTERM: graceful, exit status 0
     sessions = make_session_factory(make_engine(serve.db_url))
@@ -90,7 +96,9 @@ def test_dcmtk_sends_chest_dx_and_receives_sr(
         "STUDY_CLAIMED",
         "IMAGES_SELECTED",
         "DELIVERY_QUEUED",
+        "DELIVERY_QUEUED",
         "STUDY_CLASSIFIED",
+        "DELIVERY_SENT",
         "DELIVERY_SENT",
         "STUDY_DONE",
     ]

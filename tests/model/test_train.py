@@ -132,3 +132,53 @@ def test_unreadable_training_image_is_reported(synthetic_dataset: Path, tmp_path
     (data / "labels.csv").write_text("\n".join(rows) + "\n")
     with pytest.raises(ValueError, match="unreadable images.*broken.png"):
         train(_config(data, tmp_path, epochs=1))
+
+
+def test_init_fine_tunes_in_two_phases(synthetic_dataset: Path, tmp_path: Path) -> None:
+    base = train(_config(synthetic_dataset, tmp_path / "base", epochs=2)).bundle
+    base_state = base.model.state_dict()
+    head_keys = {"fc.weight", "fc.bias"}  # resnet10t's timm classifier head
+    # phase 1 only: the backbone (weights and BatchNorm statistics) must not move
+    only_head = train(
+        _config(synthetic_dataset, tmp_path / "p1", epochs=1, init=base.path, head_epochs=1)
+    )
+    state = only_head.bundle.model.state_dict()
+    for key, value in base_state.items():
+        if key in head_keys:
+            assert not torch.equal(state[key], value), key
+        else:
+            assert torch.equal(state[key], value), key
+    # phases 1 + 2: everything moves, phase 2 at the lower learning rate
+    both = train(
+        _config(
+            synthetic_dataset,
+            tmp_path / "p2",
+            epochs=3,
+            init=base.path,
+            head_epochs=1,
+            finetune_lr_scale=0.1,
+            arch="resnet18",  # ignored: the initial bundle's architecture is kept
+        )
+    )
+    card = both.bundle.card
+    assert card.architecture == base.card.architecture
+    assert [h["phase"] for h in both.history] == [1.0, 2.0, 2.0]
+    assert both.history[1]["lr"] < 0.1 * 3e-3 + 1e-12
+    assert card.training["init"]["weights_sha256"] == base.card.weights_sha256
+    assert "two-phase" in card.training["fine_tuning"]
+    # the last epoch's weights (the bundle keeps the best epoch, which may be phase 1's)
+    last = torch.load(tmp_path / "p2" / "ckpt" / CHECKPOINT_FILE, weights_only=False)["model"]
+    assert not torch.equal(last["conv1.0.weight"], base_state["conv1.0.weight"])
+
+
+def test_exclude_rows_by_column(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "labels.csv").write_text(
+        "filename,label,patient_id,view\na.png,covid,1,PA\nb.png,covid,1,L\nc.png,non-covid,2,AP\n"
+    )
+    kept = read_dataset(root, {"view": ["L"]})
+    assert [r.path.name for r in kept] == ["a.png", "c.png"]
+    assert len(read_dataset(root)) == 3
+    with pytest.raises(ValueError, match="missing columns"):
+        read_dataset(root, {"projection": ["L"]})

@@ -1,0 +1,1 @@
+"""The admin HTTP server: read-only API (OpenAPI), dashboard, Prometheus metrics, health."""

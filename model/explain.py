@@ -1,0 +1,140 @@
+"""Grad-CAM explanations: where in the image the network looked for the finding.
+
+Grad-CAM (Selvaraju et al., ICCV 2017) weights the feature maps of the network's last
+convolutional stage by the spatially averaged gradient of the positive-class logit and
+keeps the positive part. radflag computes it with the timm feature API
+(``forward_features`` -> ``forward_head``), which is the network's own ``forward``, so the
+probability that comes with a heatmap is the one :meth:`model.infer.Classifier.classify`
+reports. The heatmap is mapped back through the letterbox of
+:func:`model.preprocess.preprocess` onto the source image's pixel grid.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol, cast, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F  # noqa: N812 - the conventional alias
+
+from model.preprocess import letterbox_geometry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Probability and Grad-CAM heatmap of one image.
+
+    Attributes
+    ----------
+    probability
+        P(positive class), identical (within 1e-5) to the classifier's output.
+    heatmap
+        float32 (H, W) in [0, 1] on the SOURCE image's pixel grid (same H, W as the stored
+        pixels; letterbox and resize undone). 1 marks the strongest evidence for the
+        positive class; all zeros when no region raises the positive logit.
+    """
+
+    probability: float
+    heatmap: npt.NDArray[np.float32]
+
+
+@runtime_checkable
+class FeatureNetwork(Protocol):
+    """The timm split of ``forward`` into a feature extractor and a classifier head."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the last stage's feature map (N, C, h, w)."""
+        ...
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Return logits (N, 1) from the feature map."""
+        ...
+
+
+def grad_cam(
+    net: torch.nn.Module, batch: torch.Tensor, *, autocast: bool = False
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32]]:
+    """Run one forward/backward pass and return probabilities and raw Grad-CAM maps.
+
+    Parameters
+    ----------
+    net
+        A timm network in eval mode with one output logit.
+    batch
+        Preprocessed input (N, C, S, S) on the network's device.
+    autocast
+        Run the forward pass under ``torch.autocast`` (CUDA mixed precision), as
+        :meth:`model.infer.Classifier.predict` does.
+
+    Returns
+    -------
+    tuple
+        ``(probabilities (N,) float64, cams (N, h, w) float32 >= 0)`` where ``h, w`` is the
+        last stage's spatial size.
+
+    Raises
+    ------
+    TypeError
+        When the network has no ``forward_features``/``forward_head`` (not a timm model).
+    """
+    if not isinstance(net, FeatureNetwork):
+        raise TypeError(f"{type(net).__name__} has no forward_features/forward_head")
+    feature_net = cast(FeatureNetwork, net)
+    with torch.enable_grad(), torch.autocast(device_type=batch.device.type, enabled=autocast):
+        features = feature_net.forward_features(batch)
+        if features.ndim != 4:
+            raise TypeError(f"last stage output has shape {tuple(features.shape)}, not (N,C,h,w)")
+        logits = feature_net.forward_head(features).float().reshape(-1)
+        (grads,) = torch.autograd.grad(logits.sum(), features)
+    weights = grads.float().mean(dim=(2, 3), keepdim=True)
+    cams = torch.relu((weights * features.detach().float()).sum(dim=1))
+    probs = torch.sigmoid(logits.detach())
+    return (
+        probs.cpu().numpy().astype(np.float64),
+        cams.cpu().numpy().astype(np.float32),
+    )
+
+
+def cam_to_source(
+    cam: npt.NDArray[np.float32], source_shape: tuple[int, int], input_size: int
+) -> npt.NDArray[np.float32]:
+    """Map a Grad-CAM map from the model input back onto the source pixel grid.
+
+    The map is upsampled (bilinear) to the square model input, the letterbox padding of
+    :func:`model.preprocess.letterbox_geometry` is cropped away and the rest is resized to
+    ``source_shape``, then scaled to [0, 1] by its maximum.
+
+    Parameters
+    ----------
+    cam
+        (h, w) non-negative map of the last stage.
+    source_shape
+        (H, W) of the stored pixels.
+    input_size
+        Side of the square model input.
+    """
+    box = letterbox_geometry(source_shape, input_size)
+    grid = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None, None]
+    full = F.interpolate(grid, size=(input_size, input_size), mode="bilinear", align_corners=False)
+    inner = full[
+        :,
+        :,
+        box.pad_top : box.pad_top + box.resized_h,
+        box.pad_left : box.pad_left + box.resized_w,
+    ]
+    source = F.interpolate(
+        inner,
+        size=(int(source_shape[0]), int(source_shape[1])),
+        mode="bilinear",
+        align_corners=False,
+    )[0, 0]
+    peak = float(source.max())
+    if peak <= 0.0 or not np.isfinite(peak):
+        return np.zeros((int(source_shape[0]), int(source_shape[1])), dtype=np.float32)
+    heat = torch.clamp(source / peak, 0.0, 1.0)
+    return np.ascontiguousarray(heat.numpy(), dtype=np.float32)
