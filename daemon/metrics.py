@@ -35,7 +35,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.pipeline import StudyProcessor
+from daemon.worker import StudyHandler
 from db.dashboard_queries import queue_gauges
 from db.models import Delivery, DeliveryAttempt, Result, Study, utcnow
 from db.outbox import DeliveryState
@@ -316,15 +316,14 @@ class CountingSink:
         return new
 
 
-class ObservedProcessor(StudyProcessor):
-    """Runs the wrapped :class:`StudyProcessor` and records the outcome in the metrics.
+class ObservedProcessor:
+    """Runs the wrapped study handler and records the outcome in the metrics.
 
-    Only :meth:`process` is used by the worker; it is delegated, then observed. An error while
-    observing is logged and never reaches the worker.
+    Implements :class:`daemon.worker.StudyHandler`: :meth:`process` is delegated, then
+    observed. An error while observing is logged and never reaches the worker.
     """
 
-    def __init__(self, inner: StudyProcessor, metrics: PipelineMetrics) -> None:
-        # Deliberately no super().__init__(): every call is delegated to ``inner``.
+    def __init__(self, inner: StudyHandler, metrics: PipelineMetrics) -> None:
         self._inner = inner
         self._metrics = metrics
 

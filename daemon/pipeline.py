@@ -288,7 +288,7 @@ class StudyProcessor:
             s.header.sop_instance_uid: float(p.probability)
             for s, p in zip(chosen, predictions, strict=True)
         }
-        probability = aggregate_study(list(per_image.values()))
+        probability = aggregate_study(list(per_image.values()), card.aggregation)
         positive = probability >= card.threshold
 
         t_sr = time.perf_counter()

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.pipeline import StudyProcessor
-from db.queue import claim_next
+from db.queue import ClaimedStudy, claim_next
 
 log = logging.getLogger(__name__)
 
 
+class StudyHandler(Protocol):
+    """Anything that processes one claimed study to a recorded outcome (never raises)."""
+
+    def process(self, claim: ClaimedStudy) -> None:
+        """Process ``claim``."""
+
+
 class Worker:
-    """Claims studies from the database queue and runs :class:`StudyProcessor` on them.
+    """Claims studies from the database queue and runs a :class:`StudyHandler` on them.
 
     Parameters
     ----------
@@ -24,7 +31,7 @@ class Worker:
     sessions
         Session factory.
     processor
-        Does the work on one study.
+        Does the work on one study (:class:`daemon.pipeline.StudyProcessor`, possibly wrapped).
     lease_s
         Lease length; a study whose lease expires is given back to the queue.
     poll_interval_s
@@ -35,7 +42,7 @@ class Worker:
         self,
         worker_id: str,
         sessions: sessionmaker[Session],
-        processor: StudyProcessor,
+        processor: StudyHandler,
         *,
         lease_s: float,
         poll_interval_s: float,

@@ -1,7 +1,7 @@
 """Read-only queries the admin HTTP API and dashboard need beyond ``db.queries``/``db.stats``.
 
-* hourly throughput: instances received, studies classified, result objects delivered, studies
-  failed, per UTC hour of a window;
+* hourly throughput: instances received, studies classified, result objects delivered,
+  studies failed, result objects given up (dead letters), per UTC hour of a window;
 * studies that ended in failure (``FAILED``, ``DELIVERY_FAILED``), newest first;
 * the gauges of ``/metrics``: studies per state and outbox entries per state.
 
@@ -28,13 +28,18 @@ FAILED_STATES: tuple[StudyState, ...] = (StudyState.FAILED, StudyState.DELIVERY_
 
 @dataclass(frozen=True)
 class HourlyThroughput:
-    """What happened in one UTC hour ``[hour, hour + 1 h)``."""
+    """What happened in one UTC hour ``[hour, hour + 1 h)``.
+
+    ``failed_studies`` counts studies that went to ``FAILED`` or ``DELIVERY_FAILED``;
+    ``dead_letters`` the result objects given up after their last delivery attempt.
+    """
 
     hour: datetime
     received_instances: int
     classified_studies: int
     delivered_objects: int
     failed_studies: int
+    dead_letters: int
 
 
 def _floor_hour(t: datetime) -> datetime:
@@ -68,9 +73,9 @@ def hourly_throughput(
     first = _floor_hour(end) - timedelta(hours=hours - 1)
     keys = [first + timedelta(hours=i) for i in range(hours)]
     counts: dict[str, dict[datetime, int]] = {
-        name: dict.fromkeys(keys, 0) for name in ("received", "classified", "delivered", "failed")
+        name: dict.fromkeys(keys, 0)
+        for name in ("received", "classified", "delivered", "failed", "dead")
     }
-    failed_events = (AuditEventType.STUDY_FAILED.value, AuditEventType.DELIVERY_DEAD.value)
     with sessions() as session:
         columns = {
             "received": select(Instance.received_at).where(Instance.received_at >= first),
@@ -82,7 +87,12 @@ def hourly_throughput(
                 Delivery.sent_at.is_not(None), Delivery.sent_at >= first
             ),
             "failed": select(AuditEvent.at).where(
-                AuditEvent.at >= first, AuditEvent.event_type.in_(failed_events)
+                AuditEvent.at >= first,
+                AuditEvent.event_type == AuditEventType.STUDY_FAILED.value,
+            ),
+            "dead": select(AuditEvent.at).where(
+                AuditEvent.at >= first,
+                AuditEvent.event_type == AuditEventType.DELIVERY_DEAD.value,
             ),
         }
         for name, stmt in columns.items():
@@ -99,6 +109,7 @@ def hourly_throughput(
             classified_studies=counts["classified"][k],
             delivered_objects=counts["delivered"][k],
             failed_studies=counts["failed"][k],
+            dead_letters=counts["dead"][k],
         )
         for k in keys
     ]

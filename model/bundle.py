@@ -16,7 +16,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import timm
 import torch
@@ -46,13 +46,36 @@ class CodedFinding(BaseModel):
 
     scheme: str = Field(min_length=1)
     value: str = Field(min_length=1)
-    meaning: str = Field(min_length=1)
+    # Code Meaning (0008,0104) is LO: at most 64 characters (PS3.5 6.2)
+    meaning: str = Field(min_length=1, max_length=64)
 
     def __getitem__(self, key: str) -> str:
         """Dict-style access to ``scheme``, ``value`` and ``meaning``."""
         if key not in ("scheme", "value", "meaning"):
             raise KeyError(key)
         return str(getattr(self, key))
+
+
+class Aggregation(BaseModel):
+    """How per-image probabilities of one study become the study's probability.
+
+    ``max`` (radiographs: the most suspicious image decides), ``mean``, or ``topk_mean``
+    (CT slice models: mean of the ``k`` highest slice probabilities, robust to a single
+    noisy slice; fewer than ``k`` images average all of them).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["max", "mean", "topk_mean"] = "max"
+    k: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _check_k(self) -> Aggregation:
+        if self.method == "topk_mean" and self.k is None:
+            raise ValueError("aggregation topk_mean needs k")
+        if self.method != "topk_mean" and self.k is not None:
+            raise ValueError(f"aggregation {self.method} takes no k")
+        return self
 
 
 PNEUMONIA_FINDING = CodedFinding(scheme="SCT", value="233604007", meaning="Pneumonia")
@@ -75,6 +98,7 @@ class ModelCard(BaseModel):
     threshold: float = Field(ge=0.0, le=1.0)
     modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
     finding: CodedFinding = PNEUMONIA_FINDING
+    aggregation: Aggregation = Aggregation()
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     weights_sha256: str = ""

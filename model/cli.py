@@ -75,29 +75,70 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from model.bundle import BundleError, load_bundle
-    from model.evaluate import evaluate
+    from model.bundle import BundleError, default_bundle_path, load_bundle, write_card
+    from model.data import read_dataset
+    from model.evaluate import (
+        calibrate_threshold,
+        card_split,
+        evaluate,
+        score_records,
+        threshold_change,
+    )
 
     try:
+        bundle = load_bundle(args.bundle or default_bundle_path())
+        if args.split is not None:
+            records = card_split(bundle.card, args.split, args.labels)
+            source = f"{args.split} split of {args.labels or bundle.card.training.get('data')}"
+        elif args.labels is not None:
+            records = read_dataset(args.labels, _parse_excludes(args.exclude) or None)
+            source = str(args.labels)
+        else:
+            print("error: give --labels and/or --split", file=sys.stderr)
+            return 2
+        scores = score_records(bundle, records, progress=not args.no_progress)
+        if args.target_sensitivity is not None:
+            y, probs, _ = scores
+            new = calibrate_threshold(y, probs, args.target_sensitivity)
+            card = threshold_change(bundle.card, new, args.target_sensitivity, source)
+            bundle = write_card(bundle.path, card)
+            print(
+                f"threshold {card.training['threshold_changes'][-1]['from']:.4f} -> {new:.4f} "
+                f"(target sensitivity {args.target_sensitivity}) written to {bundle.path}"
+            )
         result = evaluate(
-            load_bundle(args.bundle),
-            args.labels,
+            bundle,
+            records,
             bootstrap=args.bootstrap,
-            progress=not args.no_progress,
+            progress=False,
+            plots=args.plots,
+            scores=scores,
         )
     except (BundleError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    result["labels"] = source
     text = json.dumps(result, indent=2)
     if args.json is not None:
         args.json.write_text(text + "\n", encoding="utf-8")
     cm = result["confusion_matrix"]
+    ci = result.get("ci95_bootstrap", {})
+
+    def fmt(key: str) -> str:
+        low_high = ci.get(key)
+        interval = f" [{low_high[0]:.3f}, {low_high[1]:.3f}]" if low_high else ""
+        return f"{key}={result[key]:.4f}{interval}"
+
     print(
-        f"n={result['n']} threshold={result['threshold']:.4f} accuracy={result['accuracy']:.4f} "
-        f"auc={result['auc']:.4f} sensitivity={result['sensitivity']:.4f} "
-        f"specificity={result['specificity']:.4f} ppv={result['ppv']:.4f} npv={result['npv']:.4f} "
-        f"f1={result['f1']:.4f}\nconfusion: tp={cm['tp']} fp={cm['fp']} tn={cm['tn']} fn={cm['fn']}"
+        f"data: {source}\nn={result['n']} (positive {result['n_positive']}) "
+        f"threshold={result['threshold']:.4f}\n"
+        + "\n".join(
+            fmt(k) for k in ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "auc")
+        )
+        + f"\nconfusion: tp={cm['tp']} fp={cm['fp']} tn={cm['tn']} fn={cm['fn']}"
     )
+    for plot in result.get("plots", []):
+        print(f"plot: {plot}")
     if result["unreadable"]:
         print(f"{len(result['unreadable'])} unreadable images (see JSON)", file=sys.stderr)
     return 0
@@ -220,9 +261,29 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("evaluate", help="evaluate a bundle on labelled images")
-    e.add_argument("--bundle", type=Path, required=True)
-    e.add_argument("--labels", type=Path, required=True, help="labels.csv or dataset folder")
+    e.add_argument("--bundle", type=Path, default=None, help="default: the shipped bundle")
+    e.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        help="labels.csv or dataset folder (with --split: where the training data now is)",
+    )
+    e.add_argument(
+        "--split",
+        choices=("validation", "test"),
+        default=None,
+        help="rebuild this partition of the patient-level split recorded in the card",
+    )
+    e.add_argument("--exclude", action="append", metavar="COLUMN=VALUE")
     e.add_argument("--json", type=Path, default=None, help="write all metrics as JSON here")
+    e.add_argument("--plots", type=Path, default=None, help="write ROC/PR/calibration PNGs here")
+    e.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=None,
+        help="choose the threshold reaching this sensitivity on these (validation) images "
+        "and write it into the bundle's card (weights unchanged)",
+    )
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: none)")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_cmd_evaluate)

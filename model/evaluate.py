@@ -122,6 +122,7 @@ def evaluate(
     progress: bool = True,
     threshold: float | None = None,
     plots: Path | None = None,
+    scores: tuple[npt.NDArray[np.bool_], npt.NDArray[np.float64], list[str]] | None = None,
 ) -> dict[str, Any]:
     """Classify every image of a labelled set and compute metrics at the card threshold.
 
@@ -141,6 +142,8 @@ def evaluate(
         Operating threshold (default: the card's).
     plots
         Folder for ROC, precision-recall and calibration PNGs (none when ``None``).
+    scores
+        Output of :func:`score_records` for ``labels`` when already computed.
 
     Returns
     -------
@@ -154,7 +157,9 @@ def evaluate(
         When labels are not the bundle's classes or no image is readable.
     """
     records = read_dataset(labels) if isinstance(labels, Path) else labels
-    y, probs, unreadable = score_records(bundle, records, batch_size, progress)
+    y, probs, unreadable = (
+        scores if scores is not None else score_records(bundle, records, batch_size, progress)
+    )
     card = bundle.card
     operating = card.threshold if threshold is None else threshold
     result: dict[str, Any] = binary_metrics(y, probs, operating)
@@ -174,7 +179,6 @@ def evaluate(
 
         title = f"{card.name} {card.version}"
         result["plots"] = [str(p) for p in write_plots(y, probs, operating, plots, title)]
-    result["_scores"] = (y, probs)
     return result
 
 
@@ -230,5 +234,8 @@ def threshold_change(
         }
     )
     return card.model_copy(
-        update={"threshold": new_threshold, "training": {**card.training, "threshold_changes": changes}}
+        update={
+            "threshold": new_threshold,
+            "training": {**card.training, "threshold_changes": changes},
+        }
     )

@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from model.bundle import Bundle
+from model.bundle import Aggregation, Bundle
 from model.explain import Explanation, cam_to_source, grad_cam
 from model.pixels import PixelMeta
 from model.preprocess import preprocess
@@ -52,13 +52,17 @@ class ImagePrediction:
     positive: bool
 
 
-def aggregate_study(probabilities: Sequence[float]) -> float:
-    """Study-level probability: the maximum over the study's images.
+def aggregate_study(
+    probabilities: Sequence[float], aggregation: Aggregation | None = None
+) -> float:
+    """Study-level probability from per-image probabilities, as the card says.
 
     Parameters
     ----------
     probabilities
-        Per-image probabilities.
+        Per-image (or per-slice) probabilities.
+    aggregation
+        The card's :class:`model.bundle.Aggregation`; default ``max``.
 
     Raises
     ------
@@ -67,7 +71,15 @@ def aggregate_study(probabilities: Sequence[float]) -> float:
     """
     if len(probabilities) == 0:
         raise ValueError("cannot aggregate a study without image probabilities")
-    return float(max(probabilities))
+    rule = aggregation if aggregation is not None else Aggregation()
+    values = np.asarray(probabilities, dtype=np.float64)
+    if rule.method == "max":
+        return float(values.max())
+    if rule.method == "mean":
+        return float(values.mean())
+    assert rule.k is not None  # validated by Aggregation
+    top = np.sort(values)[::-1][: rule.k]
+    return float(top.mean())
 
 
 class Classifier:

@@ -124,12 +124,13 @@ def scrub(value: Any) -> Any:
     return value
 
 
-def _bearer_guard(token: str) -> Callable[[HTTPAuthorizationCredentials | None], None]:
-    bearer = HTTPBearer(auto_error=False, description="`radflag` `[http] token`")
+_BEARER = HTTPBearer(auto_error=False, description="The `[http] token` of this radflag.")
+BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
+"""The ``Authorization: Bearer`` credentials of a request (RFC 6750 §2.1), if any."""
 
-    def require_token(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> None:
+
+def _bearer_guard(token: str) -> Callable[[HTTPAuthorizationCredentials | None], None]:
+    def require_token(credentials: BearerCredentials) -> None:
         if not token:
             raise HTTPException(503, "the API is disabled: no [http] token is configured")
         given = credentials.credentials if credentials is not None else ""

@@ -116,6 +116,7 @@ class HourOut(_Out):
     classified_studies: int
     delivered_objects: int
     failed_studies: int
+    dead_letters: int
 
 
 class ThroughputOut(_Out):

@@ -95,6 +95,11 @@ def study_state(app: Radflag, uid: str) -> str | None:
         return s.scalar(select(Study.state).where(Study.study_instance_uid == uid))
 
 
+def outbox_states(app: Radflag) -> set[str]:
+    with app.sessions() as s:
+        return set(s.scalars(select(Delivery.state)).all())
+
+
 @pytest.mark.dcmtk
 def test_metrics_counters_move_after_a_study_went_through(
     tmp_path: Path, pacs: PacsStandIn, start_app: Callable[[Settings], Radflag]
@@ -168,26 +173,34 @@ def test_dead_letter_and_failure_show_in_api_and_metrics(
     )
     uid = send_study(app, tmp_path)
     wait_until(lambda: study_state(app, uid) == "DELIVERY_FAILED", what="DELIVERY_FAILED")
+    wait_until(lambda: outbox_states(app) == {"DEAD"}, what="every delivery DEAD")
+    with app.sessions() as s:
+        dead_rows = s.scalars(select(Delivery).where(Delivery.state == "DEAD")).all()
+        n_attempts = len(s.scalars(select(DeliveryAttempt)).all())
+    n_dead = len(dead_rows)
+    assert n_dead >= 1 and n_attempts == 2 * n_dead
     wait_until(
-        lambda: sample(scrape(app), "radflag_failed_total", stage="delivery") == 1,
-        what="dead letter counted",
+        lambda: sample(scrape(app), "radflag_failed_total", stage="delivery") == n_dead,
+        what="dead letters counted",
     )
     m = scrape(app)
-    assert sample(m, "radflag_retried_total", stage="delivery") == 1
+    assert sample(m, "radflag_retried_total", stage="delivery") == n_dead
     assert sample(m, "radflag_delivered_total") == 0
-    assert sample(m, "radflag_stage_duration_seconds_count", stage="delivery_attempt") == 2
-    assert sample(m, "radflag_outbox_entries", state="DEAD") == 1
+    assert sample(m, "radflag_stage_duration_seconds_count", stage="delivery_attempt") == n_attempts
+    assert sample(m, "radflag_outbox_entries", state="DEAD") == n_dead
 
-    (dead,) = api(app, "/dead-letters")
-    assert dead["study_instance_uid"] == uid
-    assert dead["destination"] == "pacs"
-    assert dead["attempts"] == 2
-    assert dead["last_error"]
+    dead = api(app, "/dead-letters")
+    assert sorted(d["delivery_id"] for d in dead) == sorted(d.id for d in dead_rows)
+    for d in dead:
+        assert d["study_instance_uid"] == uid
+        assert d["destination"] == "pacs"
+        assert d["attempts"] == 2
+        assert d["last_error"]
     (failed,) = api(app, "/failures")
     assert failed["study_instance_uid"] == uid
     assert failed["state"] == "DELIVERY_FAILED"
     overview = api(app, "/overview")
-    assert overview["dead_letters"] == 1
+    assert overview["dead_letters"] == n_dead
     assert overview["studies_by_state"]["DELIVERY_FAILED"] == 1
     hours = api(app, "/throughput?hours=2")["buckets"]
     assert len(hours) == 2
@@ -195,6 +208,7 @@ def test_dead_letter_and_failure_show_in_api_and_metrics(
     assert hours[-1]["classified_studies"] == 1
     assert hours[-1]["delivered_objects"] == 0
     assert hours[-1]["failed_studies"] == 1
+    assert hours[-1]["dead_letters"] == n_dead
 
 
 @pytest.mark.dcmtk

@@ -138,8 +138,11 @@ def test_sr_and_sc_to_pacs_and_back_to_sender(tmp_path: Path, start_app) -> None
 
 def test_pacs_refusing_3d_sr_gets_comprehensive_sr(tmp_path: Path, start_app) -> None:
     port = free_port()
+    sr_only = [
+        {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port, "outputs": ["SR"]}
+    ]
     with storage_scp(port, [ComprehensiveSRStorage]) as old_pacs:
-        app = start_app(make_settings(tmp_path, port))
+        app = start_app(make_settings(tmp_path, port, destinations=_sr_only(port)))
         ds = make_dx(seed=22)
         assert dcmsend(app.port, save(ds, tmp_path / "a.dcm")).returncode == 0
         uid = str(ds.StudyInstanceUID)
@@ -155,6 +158,12 @@ def test_pacs_refusing_3d_sr_gets_comprehensive_sr(tmp_path: Path, start_app) ->
         assert "falling back to Comprehensive SR" in (attempts[0].error or "")
 
 
+def _sr_only(port: int) -> list[dict[str, object]]:
+    return [
+        {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port, "outputs": ["SR"]}
+    ]
+
+
 def _config(tmp_path: Path) -> str:
     cfg = tmp_path / "cli.toml"
     cfg.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "radflag.db"}"\n')
@@ -166,7 +175,10 @@ def test_dead_letter_then_cli_retry_delivers(
 ) -> None:
     port = free_port()  # nobody listens yet
     settings = make_settings(
-        tmp_path, port, delivery={"max_attempts": 2, "backoff_base_s": 0.1, "check_interval_s": 0.2}
+        tmp_path,
+        port,
+        delivery={"max_attempts": 2, "backoff_base_s": 0.1, "check_interval_s": 0.2},
+        destinations=_sr_only(port),
     )
     app = start_app(settings)
     ds = make_dx(seed=23)
@@ -197,7 +209,10 @@ def test_dead_letter_then_cli_retry_delivers(
 def test_cli_drop_pending_entry_finishes_study(
     tmp_path: Path, start_app, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    app = start_app(make_settings(tmp_path, free_port(), delivery={"backoff_base_s": 60}))
+    port = free_port()
+    app = start_app(
+        make_settings(tmp_path, port, delivery={"backoff_base_s": 60}, destinations=_sr_only(port))
+    )
     ds = make_dx(seed=24)
     assert dcmsend(app.port, save(ds, tmp_path / "a.dcm")).returncode == 0
     uid = str(ds.StudyInstanceUID)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from model.bundle import Bundle
+from model.bundle import Bundle, load_bundle
 from model.cli import register
 
 
@@ -104,3 +104,76 @@ def test_model_package_never_imports_dicom_or_sql() -> None:
         "sys.exit(1 if 'sqlalchemy' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_evaluate_writes_plots_and_all_intervals(
+    tiny_bundle: Bundle, synthetic_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plots = tmp_path / "plots"
+    out = tmp_path / "eval.json"
+    args = _parser().parse_args(
+        ["model", "evaluate", "--bundle", str(tiny_bundle.path)]
+        + ["--labels", str(synthetic_dataset), "--plots", str(plots), "--json", str(out)]
+        + ["--bootstrap", "30", "--no-progress"]
+    )
+    assert args.func(args) == 0
+    for name in ("roc.png", "precision_recall.png", "calibration.png"):
+        data = (plots / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+    result = json.loads(out.read_text())
+    assert set(result["ci95_bootstrap"]) >= {"accuracy", "sensitivity", "specificity", "auc"}
+    assert {"ppv", "npv", "f1"} <= set(result["ci95_bootstrap"])
+    assert sorted(Path(p).name for p in result["plots"]) == [
+        "calibration.png",
+        "precision_recall.png",
+        "roc.png",
+    ]
+    assert "plot: " in capsys.readouterr().out
+
+
+def test_evaluate_target_sensitivity_rewrites_threshold_only(
+    tiny_bundle: Bundle, synthetic_dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = load_bundle(tiny_bundle.path).card
+    args = _parser().parse_args(
+        ["model", "evaluate", "--bundle", str(tiny_bundle.path), "--labels", str(synthetic_dataset)]
+        + ["--target-sensitivity", "1.0", "--bootstrap", "0", "--no-progress"]
+    )
+    assert args.func(args) == 0
+    after = load_bundle(tiny_bundle.path).card  # loads: sha256 still matches the weights
+    assert after.weights_sha256 == before.weights_sha256
+    change = after.training["threshold_changes"][-1]
+    assert change["from"] == before.threshold and change["to"] == after.threshold
+    assert change["target_sensitivity"] == 1.0
+    # the threshold reaches the target on the data it was chosen on
+    assert "sensitivity=1.0000" in capsys.readouterr().out
+
+
+def test_evaluate_rebuilds_the_card_split(
+    synthetic_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from model.evaluate import card_split
+    from model.train import TrainConfig, train
+
+    result = train(
+        TrainConfig(
+            data=synthetic_dataset,
+            out=tmp_path / "b",
+            epochs=1,
+            input_size=32,
+            batch_size=8,
+            val_fraction=0.25,
+            test_fraction=0.25,
+            checkpoint_dir=tmp_path / "ckpt",
+            progress=False,
+        )
+    )
+    test_part = card_split(result.bundle.card, "test")
+    assert [r.path for r in test_part] == [r.path for r in result.split.test]
+    assert {r.patient_id for r in test_part}.isdisjoint({r.patient_id for r in result.split.train})
+    args = _parser().parse_args(
+        ["model", "evaluate", "--bundle", str(tmp_path / "b"), "--split", "test"]
+        + ["--bootstrap", "0", "--no-progress"]
+    )
+    assert args.func(args) == 0
+    assert f"n={len(result.split.test)} " in capsys.readouterr().out

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.bundle import load_bundle
+from model.bundle import build_network, load_bundle
 from model.data import LabeledImage, patient_split, read_class_folders, read_dataset
 from model.infer import Classifier
 from model.train import CHECKPOINT_FILE, TrainConfig, cache_images, train
@@ -182,3 +182,40 @@ def test_exclude_rows_by_column(tmp_path: Path) -> None:
     assert len(read_dataset(root)) == 3
     with pytest.raises(ValueError, match="missing columns"):
         read_dataset(root, {"projection": ["L"]})
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        "resnet34",
+        "resnet50",
+        "efficientnet_b0",
+        "efficientnet_b3",
+        "densenet121",
+        "resnet10t",  # CPU-fast families
+        "mobilenetv3_small_050",
+    ],
+)
+def test_architecture_builds_trains_one_step_and_explains(arch: str) -> None:
+    from model.explain import grad_cam
+    from model.preprocess import PreprocessSpec
+    from model.train import head_parameters, set_phase
+
+    torch.manual_seed(0)
+    spec = PreprocessSpec(input_size=64, channels=3)
+    net = build_network(arch, spec)
+    head_ids = head_parameters(net)
+    x = torch.randn(4, 3, 64, 64)
+    y = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    set_phase(net, head_ids, frozen_backbone=False)
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x).reshape(-1), y)
+    assert torch.isfinite(loss)
+    loss.backward()
+    opt.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, net.parameters(), strict=True))
+    net.eval()
+    probs, cams = grad_cam(net, x[:2])
+    assert probs.shape == (2,) and cams.ndim == 3 and cams.shape[0] == 2
+    assert np.all(cams >= 0)

@@ -113,8 +113,8 @@ function renderStudies(studies) {
       el("td", {}, st.model || "–"),
       el("td", { class: "num" }, st.n_instances),
       el("td", {}, st.calling_ae || "–"),
-      el("td", {}, fmtTime(st.last_received_at)),
-      el("td", {}, fmtTime(st.finished_at)));
+      el("td", { class: "time" }, fmtTime(st.last_received_at)),
+      el("td", { class: "time" }, fmtTime(st.finished_at)));
   }, "no study received yet");
 }
 
@@ -123,7 +123,8 @@ function renderThroughput(tp) {
     ["received_instances", "instances received", "#7aa6d6"],
     ["classified_studies", "studies classified", "#1f5fa8"],
     ["delivered_objects", "objects delivered", "#2e7d32"],
-    ["failed_studies", "failures", "#c62828"],
+    ["failed_studies", "studies failed", "#c62828"],
+    ["dead_letters", "dead letters", "#7b1fa2"],
   ];
   const buckets = tp.buckets;
   const max = Math.max(1, ...buckets.flatMap((b) => series.map(([k]) => b[k])));
@@ -178,8 +179,8 @@ function renderFailures(rows) {
     el("td", { class: "uid", title: f.study_instance_uid }, f.study_instance_uid),
     el("td", {}, el("span", { class: "badge " + f.state }, f.state)),
     el("td", { class: "num" }, f.processing_attempts),
-    el("td", { class: "reason" }, f.failure_reason || "–"),
-    el("td", {}, fmtTime(f.updated_at))), "no failed study");
+    el("td", { class: "reason", title: f.failure_reason || "" }, el("span", {}, f.failure_reason || "–")),
+    el("td", { class: "time" }, fmtTime(f.updated_at))), "no failed study");
 }
 
 function renderDeadLetters(rows) {
@@ -188,7 +189,8 @@ function renderDeadLetters(rows) {
     el("td", {}, d.kind),
     el("td", { class: "uid", title: d.study_instance_uid }, d.study_instance_uid),
     el("td", { class: "num" }, d.attempts),
-    el("td", { class: "reason" }, d.last_error || "–")), "no dead letter");
+    el("td", { class: "reason", title: d.last_error || "" }, el("span", {}, d.last_error || "–"))),
+  "no dead letter");
 }
 
 function renderModels(rows) {
