@@ -171,6 +171,7 @@ class StudyProcessor:
         self._spool = spool
         self._results = results
         self._models = models
+        self._rules = settings.selection.to_rules()
 
     def process(self, claim: ClaimedStudy) -> None:
         """Process ``claim`` to a recorded outcome; never raises except on programming errors."""
@@ -207,7 +208,7 @@ class StudyProcessor:
         plan: list[tuple[LoadedModel, list[_Selected]]] = []
         reasons: dict[str, Any] = {"unreadable": unreadable}
         for loaded in self._models:
-            selection = select_images([h.header for h in headers], loaded.modalities)
+            selection = select_images([h.header for h in headers], loaded.modalities, self._rules)
             chosen = [by_uid[h.sop_instance_uid] for h in selection.selected]
             reasons[loaded.bundle.card.name] = {
                 "selected": [h.header.sop_instance_uid for h in chosen],

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.ingest import NewInstance, PatientIdPolicy, record_instance
 from dicom_io.scp import ReceivedInstance, SinkUnavailable
+from dicom_io.select import is_never_classified
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class DatabaseSink:
             path=str(instance.path),
             size_bytes=instance.size_bytes,
             transfer_syntax_uid=instance.transfer_syntax_uid,
+            reopens_study=not is_never_classified(instance.sop_class_uid),
         )
         try:
             return record_instance(self._sessions, item, self._policy)

@@ -31,6 +31,9 @@ class NewInstance:
     path: str
     size_bytes: int
     transfer_syntax_uid: str | None
+    reopens_study: bool = True
+    """False for objects no model reads (SR, SC, presentation states: the loop guard): they
+    are stored and audited, but a finished study is not re-opened for them."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,9 @@ def _record(session: Session, item: NewInstance, policy: PatientIdPolicy, when: 
         )
         session.add(study)
         session.flush()
-    else:
+    elif item.reopens_study or study.state == StudyState.RECEIVING.value:
+        # (An object no model reads — e.g. our own SR/SC routed back by the PACS — is stored
+        # but leaves a study that is already past RECEIVING where it is: the loop guard.)
         previous = StudyState(study.state)
         study.state = next_state(previous, StudyEvent.INSTANCE_RECEIVED).value
         study.last_received_at = when

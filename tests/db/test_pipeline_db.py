@@ -254,3 +254,25 @@ def test_refuses_unknown_schema(engine: Engine) -> None:
         conn.execute(text("UPDATE alembic_version SET version_num = 'ffff9999'"))
     with pytest.raises(SchemaMismatch, match="unknown"):
         ensure_schema(engine)
+
+
+def test_routed_back_result_objects_do_not_reopen_a_finished_study(
+    sessions: sessionmaker[Session],
+) -> None:
+    record_instance(sessions, _inst("1.2.3.4.5"), POLICY, now=utcnow() - timedelta(seconds=9))
+    mark_ready(sessions, quiet_period_s=1)
+    claim = claim_next(sessions, "w1", lease_s=300)
+    assert claim is not None
+    record_classification(sessions, claim, [_result()])
+    own_sc = NewInstance(
+        **{
+            **_inst("2.25.99").__dict__,
+            "sop_class_uid": "1.2.840.10008.5.1.4.1.1.7",
+            "reopens_study": False,
+        }
+    )
+    assert record_instance(sessions, own_sc, POLICY) is True
+    with sessions() as s:
+        assert s.scalars(select(Study.state)).one() == "DONE"
+    events = [e.event_type for e in audit_trail(sessions, "1.2.3.4")]
+    assert events[-1] == "INSTANCE_RECEIVED" and "STUDY_REOPENED" not in events
