@@ -59,6 +59,15 @@ def test_full_run_audit_trail_admin_commands_and_retention(
         pacs.port,
         database={"url": db_url},
         retention={"spool_max_age_days": 2e-5, "check_interval_s": 0.3},  # ~1.7 s
+        destinations=[  # SR only: one outbox row keeps the expected trail short
+            {
+                "name": "pacs",
+                "ae_title": "PACS",
+                "host": "127.0.0.1",
+                "port": pacs.port,
+                "outputs": ["SR"],
+            }
+        ],
     )
     app = start_app(settings)
     sent = dcmsend(app.port, *files)
