@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
@@ -57,6 +59,22 @@ def tiny_models(tiny_bundle: Path) -> list[LoadedModel]:
     return [LoadedModel(bundle=bundle, classifier=Classifier(bundle, device=device), device=device)]
 
 
+TRAIL_TWO_IMAGES_SR_AND_SC = [
+    "INSTANCE_RECEIVED",
+    "INSTANCE_RECEIVED",
+    "STUDY_READY",
+    "STUDY_CLAIMED",
+    "IMAGES_SELECTED",
+    "DELIVERY_QUEUED",
+    "DELIVERY_QUEUED",
+    "STUDY_CLASSIFIED",
+    "DELIVERY_SENT",
+    "DELIVERY_SENT",
+    "STUDY_DONE",
+]
+"""The audit trail of a two-image study classified and delivered as SR + SC to one PACS."""
+
+
 @dataclass
 class PacsStandIn:
     """A pynetdicom Storage SCP on 127.0.0.1 that keeps what it receives."""
@@ -75,12 +93,17 @@ class PacsStandIn:
         raise AssertionError(f"PACS received {len(self.received)} objects, expected {n}")
 
 
-@pytest.fixture
-def pacs() -> Iterator[PacsStandIn]:
-    ae = AE(ae_title="PACS")
-    for uid in (Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage):
-        ae.add_supported_context(uid)
-    stand_in = PacsStandIn(port=0)
+@contextmanager
+def storage_scp(
+    port: int, sop_classes: Sequence[str], *, ae_title: str = "PACS"
+) -> Iterator[PacsStandIn]:
+    """A pynetdicom Storage SCP on 127.0.0.1:``port`` (0: any free port) for ``sop_classes``."""
+    ae = AE(ae_title=ae_title)
+    for uid in sop_classes:
+        ae.add_supported_context(
+            uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless]
+        )
+    stand_in = PacsStandIn(port=port)
     lock = threading.Lock()
 
     def on_store(event: evt.Event) -> int:
@@ -92,12 +115,22 @@ def pacs() -> Iterator[PacsStandIn]:
         return 0x0000
 
     server = ae.start_server(
-        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
     )
     stand_in.server = server
     stand_in.port = server.server_address[1]
-    yield stand_in
-    server.shutdown()
+    try:
+        yield stand_in
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture
+def pacs() -> Iterator[PacsStandIn]:
+    """A PACS stand-in that accepts both SR classes and Secondary Capture."""
+    classes = [Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage]
+    with storage_scp(0, classes) as stand_in:
+        yield stand_in
 
 
 def make_settings(tmp_path: Path, pacs_port: int | None, **sections: dict[str, Any]) -> Settings:

@@ -13,7 +13,14 @@ from daemon.app import Radflag
 from db.models import Delivery, DeliveryAttempt, Instance, Result, Study
 from db.queries import audit_trail
 from tests.conftest import shared_path
-from tests.daemon.conftest import PacsStandIn, dcmsend, make_settings, storescu, wait_until
+from tests.daemon.conftest import (
+    TRAIL_TWO_IMAGES_SR_AND_SC,
+    PacsStandIn,
+    dcmsend,
+    make_settings,
+    storescu,
+    wait_until,
+)
 from tests.dicom_io.conftest import make_dx, save
 
 pytestmark = pytest.mark.dcmtk
@@ -84,19 +91,7 @@ def test_study_classified_and_sr_delivered(tmp_path: Path, pacs: PacsStandIn, st
         for inst in s.scalars(select(Instance)).all():
             assert Path(inst.path).is_file()
     events = [e.event_type for e in audit_trail(app.sessions, study_uid)]
-    assert events == [
-        "INSTANCE_RECEIVED",
-        "INSTANCE_RECEIVED",
-        "STUDY_READY",
-        "STUDY_CLAIMED",
-        "IMAGES_SELECTED",
-        "DELIVERY_QUEUED",
-        "DELIVERY_QUEUED",
-        "STUDY_CLASSIFIED",
-        "DELIVERY_SENT",
-        "DELIVERY_SENT",
-        "STUDY_DONE",
-    ]
+    assert events == TRAIL_TWO_IMAGES_SR_AND_SC
 
 
 def test_undecodable_pixels_quarantined_and_study_failed(

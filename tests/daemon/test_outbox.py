@@ -3,15 +3,11 @@ per-destination transfer syntax, dead letters and ``radflag outbox`` retry/drop.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
-from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
@@ -24,7 +20,7 @@ from daemon.cli import main as radflag_main
 from db.models import Delivery, DeliveryAttempt, Study
 from db.queries import audit_trail
 from dicom_io.sr import read_sr
-from tests.daemon.conftest import PacsStandIn, dcmsend, make_settings, wait_until
+from tests.daemon.conftest import dcmsend, make_settings, storage_scp, wait_until
 from tests.dicom_io.conftest import free_port, make_dx, save
 
 pytestmark = pytest.mark.dcmtk
@@ -32,37 +28,6 @@ pytestmark = pytest.mark.dcmtk
 SR_3D = "1.2.840.10008.5.1.4.1.1.88.34"
 SR_PLAIN = "1.2.840.10008.5.1.4.1.1.88.33"
 SC = "1.2.840.10008.5.1.4.1.1.7"
-
-
-@contextmanager
-def storage_scp(
-    port: int, sop_classes: Sequence[str], *, ae_title: str = "PACS"
-) -> Iterator[PacsStandIn]:
-    """A Storage SCP on 127.0.0.1:``port`` accepting only ``sop_classes`` (any syntax)."""
-    ae = AE(ae_title=ae_title)
-    for uid in sop_classes:
-        ae.add_supported_context(
-            uid, [ExplicitVRLittleEndian, "1.2.840.10008.1.2", JPEG2000Lossless]
-        )
-    stand_in = PacsStandIn(port=port)
-    lock = threading.Lock()
-
-    def on_store(event: evt.Event) -> int:
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        with lock:
-            stand_in.received.append(ds)
-            stand_in.calling_aes.append(event.assoc.requestor.ae_title)
-        return 0x0000
-
-    server = ae.start_server(
-        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
-    )
-    stand_in.server = server
-    try:
-        yield stand_in
-    finally:
-        server.shutdown()
 
 
 def _state(app: Radflag, uid: str) -> str | None:
@@ -138,9 +103,6 @@ def test_sr_and_sc_to_pacs_and_back_to_sender(tmp_path: Path, start_app) -> None
 
 def test_pacs_refusing_3d_sr_gets_comprehensive_sr(tmp_path: Path, start_app) -> None:
     port = free_port()
-    sr_only = [
-        {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port, "outputs": ["SR"]}
-    ]
     with storage_scp(port, [ComprehensiveSRStorage]) as old_pacs:
         app = start_app(make_settings(tmp_path, port, destinations=_sr_only(port)))
         ds = make_dx(seed=22)

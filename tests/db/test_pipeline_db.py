@@ -9,7 +9,6 @@ import pytest
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.engine import make_engine, make_session_factory
 from db.ingest import NewInstance, PatientIdPolicy, record_instance
 from db.models import AuditEvent, Delivery, DeliveryAttempt, Study, utcnow
 from db.outbox import BackoffPolicy, DeliveryState, due_deliveries, record_attempt
@@ -19,19 +18,6 @@ from db.results import OutputRecord, ResultRecord, record_classification
 from db.schema import SchemaMismatch, current_revision, ensure_schema, head_revision
 
 POLICY = PatientIdPolicy(key=b"k" * 32)
-
-
-@pytest.fixture
-def engine(db_url: str) -> Engine:
-    eng = make_engine(db_url)
-    ensure_schema(eng)
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
-def sessions(engine: Engine) -> sessionmaker[Session]:
-    return make_session_factory(engine)
 
 
 def _inst(sop: str, study: str = "1.2.3.4", patient: str | None = "PAT-1") -> NewInstance:

@@ -85,36 +85,45 @@ def write_config(
     return path
 
 
+def launch_serve(
+    ns: NetNamespace, tmp_path: Path, destinations: list[tuple[str, str, int]]
+) -> ServeProcess:
+    """Start ``radflag serve`` inside ``ns``; return once it answers C-ECHO (caller stops it)."""
+    if not RADFLAG.exists():
+        pytest.skip(f"{RADFLAG} not installed (pip install -e .)")
+    data_dir = tmp_path / "radflag-data"
+    port = ns.free_port()
+    cfg = write_config(tmp_path / "radflag.toml", data_dir, port, destinations)
+    log_path = tmp_path / "radflag.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RADFLAG_")}
+    with log_path.open("wb") as log:
+        proc = ns.popen(
+            [str(RADFLAG), "serve", "--config", str(cfg)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    serve = ServeProcess(proc=proc, port=port, data_dir=data_dir, log_path=log_path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"radflag serve exited early:\n{serve.log()}")
+        if echoscu(port, ns=ns, called_aet="RADFLAG", timeout_s=5).returncode == 0:
+            return serve
+        time.sleep(0.5)
+    serve.stop()
+    raise AssertionError(f"radflag serve did not answer C-ECHO:\n{serve.log()}")
+
+
 @pytest.fixture
 def start_serve(tmp_path: Path) -> Iterator[object]:
-    """Start ``radflag serve`` in a namespace; wait until it answers C-ECHO."""
+    """Start ``radflag serve`` in a namespace (see :func:`launch_serve`); stopped at teardown."""
     running: list[ServeProcess] = []
 
     def _start(ns: NetNamespace, destinations: list[tuple[str, str, int]]) -> ServeProcess:
-        if not RADFLAG.exists():
-            pytest.skip(f"{RADFLAG} not installed (pip install -e .)")
-        data_dir = tmp_path / "radflag-data"
-        port = ns.free_port()
-        cfg = write_config(tmp_path / "radflag.toml", data_dir, port, destinations)
-        log_path = tmp_path / "radflag.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RADFLAG_")}
-        with log_path.open("wb") as log:
-            proc = ns.popen(
-                [str(RADFLAG), "serve", "--config", str(cfg)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        serve = ServeProcess(proc=proc, port=port, data_dir=data_dir, log_path=log_path)
+        serve = launch_serve(ns, tmp_path, destinations)
         running.append(serve)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"radflag serve exited early:\n{serve.log()}")
-            if echoscu(port, ns=ns, called_aet="RADFLAG", timeout_s=5).returncode == 0:
-                return serve
-            time.sleep(0.5)
-        raise AssertionError(f"radflag serve did not answer C-ECHO:\n{serve.log()}")
+        return serve
 
     yield _start
     for serve in running:

@@ -18,6 +18,7 @@ from db.engine import make_engine, make_session_factory
 from db.models import Result, Study
 from db.queries import audit_trail
 from tests.conftest import shared_path
+from tests.daemon.conftest import TRAIL_TWO_IMAGES_SR_AND_SC
 from tests.e2e.conftest import ServeProcess
 from tests.peers.dcmtk import StoreSCP, dcmsend
 from tests.peers.dicomgen import kermany_images, make_study
@@ -89,19 +90,7 @@ def test_dcmtk_sends_chest_dx_and_receives_sr(
     assert result.model_name == "radflag-pneumonia-cxr"
     assert result.n_images == 2
     events = [e.event_type for e in audit_trail(sessions, study.study_uid)]
-    assert events == [
-        "INSTANCE_RECEIVED",
-        "INSTANCE_RECEIVED",
-        "STUDY_READY",
-        "STUDY_CLAIMED",
-        "IMAGES_SELECTED",
-        "DELIVERY_QUEUED",
-        "DELIVERY_QUEUED",
-        "STUDY_CLASSIFIED",
-        "DELIVERY_SENT",
-        "DELIVERY_SENT",
-        "STUDY_DONE",
-    ]
+    assert events == TRAIL_TWO_IMAGES_SR_AND_SC
     log = serve.log()
     assert study.patient_id not in log  # no patient data in INFO logs
     assert '"msg": "radflag stopped"' in log

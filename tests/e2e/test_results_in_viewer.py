@@ -7,8 +7,6 @@ does so with ``"OverwriteInstances": true`` (documented in the README).
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +19,7 @@ from db.engine import make_engine, make_session_factory
 from db.queries import audit_trail
 from dicom_io.sr import read_sr
 from tests.conftest import shared_path
-from tests.e2e.conftest import RADFLAG, ServeProcess, write_config
-from tests.peers.dcmtk import echoscu
+from tests.e2e.conftest import launch_serve
 from tests.peers.dicomgen import kermany_images, make_study
 from tests.peers.fixtures import netns  # noqa: F401 - fixture
 from tests.peers.netns import NetNamespace
@@ -42,35 +39,6 @@ def pacs(netns: NetNamespace, tmp_path: Path) -> Iterator[OrthancPeer]:  # noqa:
         tmp_path / "orthanc", ns=netns, extra_config={"OverwriteInstances": True}
     ) as peer:
         yield peer
-
-
-def _serve(ns: NetNamespace, tmp_path: Path, orthanc: OrthancPeer) -> ServeProcess:
-    if not RADFLAG.exists():
-        pytest.skip(f"{RADFLAG} not installed (pip install -e .)")
-    data_dir = tmp_path / "radflag-data"
-    port = ns.free_port()
-    cfg = write_config(
-        tmp_path / "radflag.toml", data_dir, port, [("orthanc", orthanc.aet, orthanc.dicom_port)]
-    )
-    with cfg.open("a") as fh:  # applies to the [[destinations]] block written last
-        fh.write('outputs = ["SR", "SC"]\n')
-    log_path = tmp_path / "radflag.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RADFLAG_")}
-    with log_path.open("wb") as log:
-        proc = ns.popen(
-            [str(RADFLAG), "serve", "--config", str(cfg)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    serve = ServeProcess(proc=proc, port=port, data_dir=data_dir, log_path=log_path)
-    deadline = time.monotonic() + 120
-    while echoscu(port, ns=ns, called_aet="RADFLAG", timeout_s=5).returncode != 0:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            serve.stop()
-            raise AssertionError(f"radflag serve did not come up:\n{serve.log()}")
-        time.sleep(0.5)
-    return serve
 
 
 def _results(orthanc: OrthancPeer, study_uid: str) -> dict[str, list[str]]:
@@ -99,7 +67,7 @@ def test_sr_and_sc_land_in_orthanc_and_are_replaced_on_reprocessing(
     )
     for path in study.paths:
         pacs.upload(path)
-    serve = _serve(netns, tmp_path, pacs)
+    serve = launch_serve(netns, tmp_path, [("orthanc", pacs.aet, pacs.dicom_port)])  # SR + SC
     try:
         pacs.set_modality("radflag", "RADFLAG", "127.0.0.1", serve.port)
         study_id = pacs.find_study(study.study_uid)
