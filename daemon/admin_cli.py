@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from daemon.settings import load_settings
 from db.admin_timeline import StudyTimeline, study_timeline
 from db.audit import AuditEventType
-from db.engine import make_engine, make_read_session_factory
+from db.engine import make_engine, make_read_session_factory, make_session_factory
 from db.models import utcnow
 from db.queries import AuditQuery, AuditRow, search_audit
 from db.schema import SchemaMismatch, ensure_schema
@@ -102,8 +102,10 @@ def _state_arg(text: str) -> StudyState:
         raise argparse.ArgumentTypeError(f"unknown state {text!r}; known: {known}") from None
 
 
-def open_sessions(config: str | None) -> sessionmaker[Session]:
-    """Open the configured database read-only-style: no schema creation, no migration.
+def open_sessions(config: str | None, *, write: bool = False) -> sessionmaker[Session]:
+    """Open the configured database for an admin command: no schema creation, no migration.
+
+    Sessions are read-only-style (SQLite: ``BEGIN DEFERRED``) unless ``write``.
 
     Raises
     ------
@@ -122,7 +124,7 @@ def open_sessions(config: str | None) -> sessionmaker[Session]:
     except SchemaMismatch as exc:
         engine.dispose()
         raise AdminError(str(exc)) from None
-    return make_read_session_factory(engine)
+    return make_session_factory(engine) if write else make_read_session_factory(engine)
 
 
 def _t(value: datetime | None, *, ms: bool = False) -> str:

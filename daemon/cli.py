@@ -8,7 +8,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from daemon.admin_cli import AdminError
 from daemon.settings import Settings, SettingsError, load_settings
+from db.schema import SchemaMismatch
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -39,14 +41,10 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _cmd_studies(args: argparse.Namespace) -> int:
-    from db.engine import make_engine, make_read_session_factory
+    from daemon.admin_cli import open_sessions
     from db.queries import list_studies
-    from db.schema import ensure_schema
 
-    settings = _settings(args)
-    engine = make_engine(settings.database.url)
-    ensure_schema(engine, create_if_empty=False)
-    rows = list_studies(make_read_session_factory(engine), limit=args.limit)
+    rows = list_studies(open_sessions(args.config), limit=args.limit)
     if args.format == "json":
         print(
             json.dumps(
@@ -125,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except SettingsError as exc:
+    except (SettingsError, AdminError, SchemaMismatch) as exc:
         print(f"radflag: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,10 +11,7 @@ import argparse
 import json
 import sys
 from datetime import datetime
-from pathlib import Path
 from typing import Any
-
-from daemon.settings import load_settings
 
 
 def register(sub: Any) -> None:
@@ -44,13 +41,9 @@ def register(sub: Any) -> None:
 
 
 def _sessions(args: argparse.Namespace) -> Any:
-    from db.engine import make_engine, make_session_factory
-    from db.schema import ensure_schema
+    from daemon.admin_cli import open_sessions
 
-    settings = load_settings(Path(args.config) if args.config else None)
-    engine = make_engine(settings.database.url)
-    ensure_schema(engine, create_if_empty=False)
-    return make_session_factory(engine)
+    return open_sessions(args.config, write=True)
 
 
 def _when(value: datetime | None) -> str:
