@@ -183,7 +183,9 @@ class Radflag:
 
     def deliver(self) -> None:
         """Scheduled: send due outbox entries."""
-        counts = deliver_due(self.sessions, self.settings.delivery, self._delivery_tls)
+        counts = deliver_due(
+            self.sessions, self.settings.delivery, self.results, self._delivery_tls
+        )
         observe_delivery_round(self.metrics, counts)
 
     def purge_spool(self) -> None:

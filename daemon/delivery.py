@@ -8,12 +8,12 @@ recorded, the entry is pointed at the converted file and is due again at once.
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.settings import DeliverySettings
@@ -27,6 +27,7 @@ from db.outbox import (
     replace_payload,
 )
 from dicom_io.scu import Destination, SendError, send_datasets
+from dicom_io.spool import Spool, SpoolError
 from dicom_io.sr import SRStorageClass, as_comprehensive_sr
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,13 @@ def backoff_policy(settings: DeliverySettings) -> BackoffPolicy:
 def deliver_due(
     sessions: sessionmaker[Session],
     settings: DeliverySettings,
+    results: Spool,
     tls_contexts: Mapping[str, ssl.SSLContext] | None = None,
 ) -> dict[str, int]:
     """Try every due outbox entry once; return counts by resulting state.
+
+    ``results`` is the spool the result objects lie in; a Comprehensive SR fallback is
+    written there, next to the refused 3D SR.
 
     ``tls_contexts`` maps destination names to the client TLS context their sends use
     (destinations with ``tls = true``); the others are sent over plain TCP.
@@ -61,6 +66,7 @@ def deliver_due(
         started = utcnow()
         ok, error, retryable = False, None, True
         fallback: tuple[str, str] | None = None
+        ds = None
         try:
             ds = dcmread(Path(due.payload_path))
             send_datasets(
@@ -73,7 +79,8 @@ def deliver_due(
             ok = True
         except SendError as exc:
             error, retryable = str(exc), exc.retryable
-            fallback = _comprehensive_fallback(due, exc)
+            if ds is not None:
+                fallback = _comprehensive_fallback(due, ds, exc, results)
             if fallback is not None:
                 error = f"{error}; falling back to Comprehensive SR {fallback[0]}"
                 retryable = True
@@ -114,21 +121,22 @@ def deliver_due(
     return counts
 
 
-def _comprehensive_fallback(due: DueDelivery, exc: SendError) -> tuple[str, str] | None:
-    """Write the Comprehensive SR variant of a refused 3D SR; return ``(sop_uid, path)``."""
+def _comprehensive_fallback(
+    due: DueDelivery, original: Dataset, exc: SendError, results: Spool
+) -> tuple[str, str] | None:
+    """Write the Comprehensive SR variant of a refused 3D SR; return ``(sop_uid, path)``.
+
+    The variant is written the way every result object is (:meth:`Spool.write`: temporary
+    name, fsync, atomic rename), at the spool path its UIDs give.
+    """
     if exc.refused_sop_class != SRStorageClass.COMPREHENSIVE_3D.value or due.kind != "SR":
         return None
     try:
-        original = dcmread(Path(due.payload_path))
         converted = as_comprehensive_sr(original)
         sop_uid = str(converted.SOPInstanceUID)
-        target = Path(due.payload_path).with_name(f"{sop_uid}.dcm")
-        tmp = target.with_suffix(".tmp")
-        converted.save_as(tmp, enforce_file_format=True)
-        with tmp.open("rb+") as fh:
-            os.fsync(fh.fileno())
-        tmp.replace(target)
-    except (OSError, ValueError) as conversion_error:
+        target = results.path_for(due.study_instance_uid, str(converted.SeriesInstanceUID), sop_uid)
+        results.write(converted, converted.file_meta, target)
+    except (SpoolError, ValueError) as conversion_error:
         log.error(
             "cannot convert the SR for a destination that refuses Comprehensive 3D SR",
             extra={"destination": due.destination, "error": str(conversion_error)},
