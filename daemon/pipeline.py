@@ -9,7 +9,6 @@ in FAILED / NOT_APPLICABLE with the reason; anything unexpected is retried by th
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import time
 from dataclasses import dataclass
@@ -82,12 +81,6 @@ def to_pixel_meta(image: DecodedImage) -> PixelMeta:
     )
 
 
-class SRVariant(enum.StrEnum):
-    """SR documents radflag may queue for a destination."""
-
-    COMPREHENSIVE = "COMPREHENSIVE"
-
-
 class _Payloads:
     """Result objects of one model on one study, written once per encoding a destination needs.
 
@@ -99,25 +92,29 @@ class _Payloads:
         self._results = results
         self._study_uid = study_uid
         self._objects: dict[str, Dataset] = {}
-        self._written: dict[tuple[str, str | None, str], tuple[str, Path]] = {}
+        self._written: dict[tuple[str, bool, str], tuple[str, Path]] = {}
 
     def add(self, kind: str, ds: Dataset) -> None:
         self._objects[kind] = ds
-        self.variant(kind, None, ExplicitVRLittleEndian)
+        self.variant(kind, ExplicitVRLittleEndian)
 
     def variant(
-        self, kind: str, sr_variant: SRVariant | None, syntax: str
+        self, kind: str, syntax: str, *, comprehensive_sr: bool = False
     ) -> tuple[str, Path] | None:
-        """Return ``(sop_instance_uid, path)`` of an encoding, writing it on first use."""
+        """Return ``(sop_instance_uid, path)`` of an encoding, writing it on first use.
+
+        ``comprehensive_sr`` asks for the SR as Comprehensive SR instead of Comprehensive 3D SR.
+        """
         base = self._objects.get(kind)
         if base is None:
             return None
         if kind == "SR" and syntax != ImplicitVRLittleEndian:
             syntax = ExplicitVRLittleEndian  # an SR has no pixels to compress
-        cache_key = (kind, sr_variant, syntax)
+        comprehensive_sr = comprehensive_sr and kind == "SR"
+        cache_key = (kind, comprehensive_sr, syntax)
         if cache_key in self._written:
             return self._written[cache_key]
-        ds = as_comprehensive_sr(base) if sr_variant is SRVariant.COMPREHENSIVE else base
+        ds = as_comprehensive_sr(base) if comprehensive_sr else base
         encoded = ds if syntax == ExplicitVRLittleEndian else encode_in(ds, syntax)
         series_uid, sop_uid = str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
         path = self._results.path_for(self._study_uid, series_uid, sop_uid)
@@ -382,11 +379,9 @@ class StudyProcessor:
                     )
                     continue
             syntax = TRANSFER_SYNTAXES[dest.transfer_syntax]
+            comprehensive_sr = dest.sr_sop_class == "comprehensive"
             for kind in dest.outputs:
-                if kind == "SR" and dest.sr_sop_class == "comprehensive":
-                    payload = payloads.variant("SR", SRVariant.COMPREHENSIVE, syntax)
-                else:
-                    payload = payloads.variant(kind, None, syntax)
+                payload = payloads.variant(kind, syntax, comprehensive_sr=comprehensive_sr)
                 if payload is None:
                     continue  # SC not built: the reason is in ``problems`` (audited)
                 sop_uid, path = payload
