@@ -13,6 +13,7 @@ from model.preprocess import (
     load_image_file,
     preprocess,
     to_unit_range,
+    unit_intensity,
 )
 from tests.conftest import shared_path
 
@@ -183,3 +184,25 @@ def test_load_image_file_rejects_non_image(tmp_path: Path) -> None:
     bad.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="cannot read image"):
         load_image_file(bad)
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+@pytest.mark.parametrize("window", [None, (1800.0, 2400.0)])
+@pytest.mark.parametrize(("slope", "intercept"), [(1.0, 0.0), (0.5, -1024.0), (-1.0, 4095.0)])
+def test_lookup_table_path_equals_per_pixel_path(
+    photometric: str, window: tuple[float, float] | None, slope: float, intercept: float
+) -> None:
+    # unit_intensity runs integer images through a lookup table and float images pixel by
+    # pixel: the two implementations of the same intensity pipeline must agree.
+    stored = np.random.default_rng(7).integers(0, 4096, size=(300, 260), dtype=np.uint16)
+    meta = PixelMeta(
+        photometric=photometric,
+        rescale_slope=slope,
+        rescale_intercept=intercept,
+        window_center=window[0] if window else None,
+        window_width=window[1] if window else None,
+        bits_stored=12,
+    )
+    fast = unit_intensity(stored, meta)
+    per_pixel = unit_intensity(stored.astype(np.float64), meta)
+    np.testing.assert_allclose(fast, per_pixel, atol=1e-6)
