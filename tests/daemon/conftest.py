@@ -28,6 +28,9 @@ from daemon.settings import Settings
 from model.bundle import ModelCard, build_network, load_bundle, save_bundle
 from model.infer import Classifier
 from model.preprocess import PreprocessSpec
+from tests.peers.dcmtk import dcmsend as peers_dcmsend
+from tests.peers.dcmtk import dcmtk_available
+from tests.peers.dcmtk import storescu as peers_storescu
 
 
 @pytest.fixture(scope="session")
@@ -172,37 +175,29 @@ def start_app(tiny_models: list[LoadedModel]) -> Iterator[Callable[[Settings], R
         app.stop()
 
 
+def _require_dcmtk() -> None:
+    if not dcmtk_available():
+        pytest.skip("DCMTK not installed in /usr/bin")
+
+
 def storescu(
     port: int, *files: Path, calling_ae: str = "MODALITY"
 ) -> subprocess.CompletedProcess[str]:
-    """Send uncompressed files with DCMTK's ``storescu -v``, which prints each C-STORE status."""
-    exe = Path("/usr/bin/storescu")
-    if not exe.exists():
-        pytest.skip("DCMTK storescu not installed")
-    argv = [str(exe), "-v", "-aet", calling_ae, "-aec", "RADFLAG", "127.0.0.1", str(port)]
-    return subprocess.run(
-        [*argv, *map(str, files)], capture_output=True, text=True, timeout=120, check=False
-    )
+    """Send uncompressed files to radflag with DCMTK ``storescu -v`` (prints each status)."""
+    _require_dcmtk()
+    return peers_storescu(port, files, called_aet="RADFLAG", calling_aet=calling_ae, timeout_s=120)
 
 
 def dcmsend(
     port: int, *files: Path, calling_ae: str = "MODALITY"
 ) -> subprocess.CompletedProcess[str]:
-    """Send files with DCMTK's ``dcmsend`` (the real, independent sender).
+    """Send files to radflag with DCMTK ``dcmsend`` (the real, independent sender).
 
     ``dcmsend`` proposes each file's own transfer syntax (no decompression on the fly),
     as a modality or PACS forwarding stored images does.
     """
-    exe = Path("/usr/bin/dcmsend")
-    if not exe.exists():
-        pytest.skip("DCMTK dcmsend not installed")
-    return subprocess.run(
-        [str(exe), "-aet", calling_ae, "-aec", "RADFLAG", "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    _require_dcmtk()
+    return peers_dcmsend(port, files, called_aet="RADFLAG", calling_aet=calling_ae, timeout_s=120)
 
 
 def wait_until(
