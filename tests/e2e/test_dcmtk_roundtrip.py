@@ -19,19 +19,13 @@ from db.models import Result, Study
 from db.queries import audit_trail
 from tests.conftest import shared_path
 from tests.daemon.conftest import TRAIL_TWO_IMAGES_SR_AND_SC
+from tests.dicom_io.conftest import require_tool
 from tests.e2e.conftest import ServeProcess
 from tests.peers.dcmtk import StoreSCP, dcmsend
 from tests.peers.dicomgen import kermany_images, make_study
 from tests.peers.netns import NetNamespace
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.shared, pytest.mark.slow]
-
-
-def _tool(name: str) -> str:
-    path = Path("/usr/bin") / name
-    if not path.exists():
-        pytest.skip(f"{path} not installed")
-    return str(path)
 
 
 def test_dcmtk_sends_chest_dx_and_receives_sr(
@@ -61,7 +55,7 @@ def test_dcmtk_sends_chest_dx_and_receives_sr(
     assert sr.PatientID == study.patient_id
 
     dump = subprocess.run(
-        [_tool("dsrdump"), "-Ec", str(sr_path)],
+        [require_tool("dsrdump"), "-Ec", str(sr_path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -75,7 +69,11 @@ def test_dcmtk_sends_chest_dx_and_receives_sr(
 
     for path in (sr_path, sc_path):
         dciodvfy = subprocess.run(
-            [_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60, check=False
+            [require_tool("dciodvfy"), str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         errors = [line for line in dciodvfy.stderr.splitlines() if line.startswith("Error")]
         assert errors == [], dciodvfy.stderr
