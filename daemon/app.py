@@ -36,6 +36,7 @@ from daemon.models import LoadedModel, load_models
 from daemon.pipeline import StudyProcessor
 from daemon.retention import purge_spool
 from daemon.settings import Settings
+from daemon.versions import warn_version_drift
 from daemon.sink import DatabaseSink
 from daemon.worker import Worker
 from db.admin_models import ModelIdentity, record_models_in_use
@@ -198,6 +199,8 @@ class Radflag:
         self.spool.root.mkdir(parents=True, exist_ok=True)
         self.results.root.mkdir(parents=True, exist_ok=True)
         self.http = start_http_server(self, self._stopped)  # first: a bad port fails early
+        for m in self.models:  # a package version the card was not validated with: warn
+            warn_version_drift(m.bundle.card.name, m.bundle.card.training)
         with self.sessions.begin() as session:
             audit(
                 session,
