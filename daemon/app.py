@@ -36,8 +36,8 @@ from daemon.models import LoadedModel, load_models
 from daemon.pipeline import StudyProcessor
 from daemon.retention import purge_spool
 from daemon.settings import Settings
-from daemon.versions import warn_version_drift
 from daemon.sink import DatabaseSink
+from daemon.versions import warn_version_drift
 from daemon.worker import Worker
 from db.admin_models import ModelIdentity, record_models_in_use
 from db.audit import AuditEventType, audit

@@ -50,9 +50,8 @@ def run(cmd: list[str], *, env: Mapping[str, str], timeout_s: float) -> str:
         cmd, env=dict(env), capture_output=True, text=True, timeout=timeout_s, check=False
     )
     if proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-        )
+        output = f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{output}")
     return proc.stdout
 
 
@@ -91,8 +90,14 @@ class ComposeStack:
     def radflag(self, *args: str) -> Any:
         """Run a ``radflag`` admin command in the radflag container; parse its JSON output."""
         out = self.podman(
-            "exec", self.container("radflag"), "radflag", *args,
-            "--config", "/etc/radflag/radflag.toml", "--format", "json",
+            "exec",
+            self.container("radflag"),
+            "radflag",
+            *args,
+            "--config",
+            "/etc/radflag/radflag.toml",
+            "--format",
+            "json",
         )
         return json.loads(out)
 
@@ -100,16 +105,26 @@ class ComposeStack:
         """Remove containers, pod and the project's volumes (best effort)."""
         subprocess.run(
             ["podman-compose", "-p", self.project, "-f", str(COMPOSE_FILE), "down", "-v"],
-            env=self.env, capture_output=True, timeout=180, check=False,
+            env=self.env,
+            capture_output=True,
+            timeout=180,
+            check=False,
         )
         vols = subprocess.run(
             ["podman", "volume", "ls", "-q", "--filter", f"name={self.project}_"],
-            env=self.env, capture_output=True, text=True, timeout=60, check=False,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         ).stdout.split()
         if vols:
             subprocess.run(
                 ["podman", "volume", "rm", "-f", *vols],
-                env=self.env, capture_output=True, timeout=60, check=False,
+                env=self.env,
+                capture_output=True,
+                timeout=60,
+                check=False,
             )
 
 
@@ -151,6 +166,8 @@ def echo(port: int, calling_ae: str, called_ae: str = "RADFLAG") -> bool | None:
     """One C-ECHO (DCMTK echoscu); True when answered, None otherwise."""
     proc = subprocess.run(
         [ECHOSCU, "-aet", calling_ae, "-aec", called_ae, "-to", "3", "127.0.0.1", str(port)],
-        capture_output=True, timeout=15, check=False,
+        capture_output=True,
+        timeout=15,
+        check=False,
     )
     return True if proc.returncode == 0 else None

@@ -49,7 +49,10 @@ def test_the_environment_matches_the_lock_file() -> None:
     # CI installs with -c constraints.txt; a drifted environment must fail here, not later.
     proc = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "freeze_constraints.py"), "--check"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
 
