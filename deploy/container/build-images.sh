@@ -6,6 +6,7 @@
 #      on that base. pip inside the build uses this machine's pip configuration: its index,
 #      extra indexes and find-links (local directories are bind-mounted read-only, not copied)
 #      and its CA bundle (passed as a build secret).
+# Images are written in docker format: the OCI format has no HEALTHCHECK.
 # Usage: deploy/container/build-images.sh [--target cpu|cuda] [--rebuild-base]
 # Environment: RADFLAG_IMAGE_PREFIX (default localhost/radflag), RADFLAG_BASE_TAG.
 set -euo pipefail
@@ -112,10 +113,10 @@ build_args=(--build-arg "BASE_IMAGE=$base" --build-arg "PIP_INDEX_URL=$index_url
 secrets=()
 [[ -n "$cert" && -f "$cert" ]] && secrets=(--secret "id=pip_cert,src=$cert")
 
-podman build "${build_args[@]}" "${volumes[@]}" "${secrets[@]}" --target "$target" \
+podman build --format docker "${build_args[@]}" "${volumes[@]}" "${secrets[@]}" --target "$target" \
   -f "$deploy/Containerfile" -t "$prefix:$target" "$repo"
 for svc in postgres orthanc; do
-  podman build --build-arg "BASE_IMAGE=$base" -f "$deploy/compose/$svc.Containerfile" \
+  podman build --format docker --build-arg "BASE_IMAGE=$base" -f "$deploy/compose/$svc.Containerfile" \
     -t "$prefix-$svc:latest" "$deploy/compose"
 done
 podman images --filter "reference=$prefix*"
