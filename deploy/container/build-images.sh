@@ -8,7 +8,8 @@
 #      and its CA bundle (passed as a build secret).
 # Images are written in docker format: the OCI format has no HEALTHCHECK.
 # Usage: deploy/container/build-images.sh [--target cpu|cuda] [--rebuild-base]
-# Environment: RADFLAG_IMAGE_PREFIX (default localhost/radflag), RADFLAG_BASE_TAG.
+# Environment: RADFLAG_IMAGE_PREFIX (default localhost/radflag), RADFLAG_BASE_TAG,
+#   PIP (the pip whose configuration is read; default "python3 -m pip").
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 deploy="$(dirname "$here")"
@@ -78,7 +79,8 @@ pip_setting() {
   local key="$1" env="PIP_$(echo "$1" | tr 'a-z-' 'A-Z_')" v
   v="${!env:-}"
   if [[ -z "$v" ]]; then
-    v="$(python3 -m pip config list 2>/dev/null \
+    # shellcheck disable=SC2086
+    v="$(${PIP:-python3 -m pip} config list 2>/dev/null \
          | sed -nE "s/^(global|install|:env:)\.$key='(.*)'$/\2/p" | tail -1)"
   fi
   echo "$v"

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -40,6 +41,7 @@ def podman_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for podman: our containers.conf unless the caller set one."""
     env = dict(os.environ)
     env.setdefault("CONTAINERS_CONF", str(CONTAINERS_CONF))
+    env.setdefault("PIP", f"{sys.executable} -m pip")  # whose pip configuration the build reads
     env.update(extra or {})
     return env
 
