@@ -102,8 +102,12 @@ def main() -> int:
     want = set(args.out.read_text(encoding="utf-8").splitlines()) - set(HEADER.splitlines())
     have = set(text.splitlines()) - set(HEADER.splitlines())
     for line in sorted(want - have):
-        print(f"constraints.txt has {line}, environment differs", file=sys.stderr)
-    return 1 if want - have else 0
+        print(f"constraints.txt has {line!r}, the environment differs", file=sys.stderr)
+    for line in sorted(have - want):
+        print(f"{line!r} is installed but not in constraints.txt", file=sys.stderr)
+    if want != have:
+        print("re-run scripts/freeze_constraints.py in the tested environment", file=sys.stderr)
+    return 0 if want == have else 1
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@ while (($#)); do
   esac
 done
 prefix="${RADFLAG_IMAGE_PREFIX:-localhost/radflag}"
+# One build at a time (CI starts one early in the background; the test's own call waits for it
+# and then only hits podman's layer cache).
+exec 9>"${RADFLAG_BUILD_LOCK:-/var/tmp/radflag-build-images.lock}"
+flock 9
 export CONTAINERS_CONF="${CONTAINERS_CONF:-$here/containers.conf}"
 
 . /etc/os-release

@@ -79,7 +79,7 @@ def images() -> None:
     """Build (or reuse from podman's layer cache) the base, radflag, PostgreSQL and Orthanc."""
     require_containers()
     t0 = time.monotonic()
-    run([str(BUILD_SCRIPT)], env=podman_env(), timeout_s=1800)
+    run([str(BUILD_SCRIPT)], env=podman_env(), timeout_s=2000)
     sizes = run(
         [
             "podman",
@@ -152,6 +152,7 @@ def _audit(s: ComposeStack, uid: str) -> list[tuple[int, str]]:
     return [(int(r["id"]), str(r["event_type"])) for r in rows]
 
 
+@pytest.mark.timeout(2400)  # a cold image build (no layer cache) takes ~10 min on 2 cores
 def test_orthanc_pushes_chest_study_and_gets_results_that_survive_restart(
     stack: tuple[ComposeStack, dict[str, Any]], tmp_path: Path
 ) -> None:
