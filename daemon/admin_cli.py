@@ -398,15 +398,19 @@ def register(
     audit.add_argument("--calling-ae", metavar="AE", help="sender's AE title")
     audit.add_argument("--study", metavar="UID", help="Study Instance UID")
     audit.add_argument("--finding", help="finding code or meaning (e.g. 233604007, pneumonia)")
-    audit.add_argument("--decision", choices=["positive", "negative"],
-                       help="finding PRESENT (positive) or ABSENT (negative)")
+    audit.add_argument(
+        "--decision",
+        choices=["positive", "negative"],
+        help="finding PRESENT (positive) or ABSENT (negative)",
+    )
     audit.add_argument("--model", metavar="NAME", help="model name")
     audit.add_argument("--model-version", metavar="VERSION", help="model version")
     audit.add_argument("--state", type=_state_arg, help="current study state")
     audit.add_argument("--limit", type=int, default=1000, help="most events shown (1000)")
     audit.add_argument("--newest-first", action="store_true", help="newest event first")
-    audit.add_argument("--format", choices=["table", "csv", "json"], default="table",
-                       help="output format")
+    audit.add_argument(
+        "--format", choices=["table", "csv", "json"], default="table", help="output format"
+    )
     audit.set_defaults(func=_guarded(_cmd_audit))
 
     stats = sub.add_parser(
@@ -418,16 +422,16 @@ def register(
     )
     stats.add_argument("--until", type=_when_arg, help="window end (default: now)")
     stats.add_argument("--all", action="store_true", help="no window start (all history)")
-    stats.add_argument("--format", choices=["table", "json"], default="table",
-                       help="output format")
+    stats.add_argument("--format", choices=["table", "json"], default="table", help="output format")
     stats.set_defaults(func=_guarded(_with_default_window(_cmd_stats)))
 
     studies_sub = studies.add_subparsers(dest="studies_command", required=False)
     show = studies_sub.add_parser("show", help="a study's full timeline")
     _config_option(show, keep_parent=True)
     show.add_argument("uid", help="Study Instance UID (full, as `radflag studies` prints it)")
-    show.add_argument("--format", choices=["text", "json"], default="text",
-                      help="readable text (default) or JSON")
+    show.add_argument(
+        "--format", choices=["text", "json"], default="text", help="readable text (default) or JSON"
+    )
     show.set_defaults(func=_guarded(_cmd_show))
     return studies_sub
 

@@ -288,7 +288,7 @@ class Radflag:
 
         warning = delivery_warning(self.settings)
         if warning is not None:
-            self.warnings.append(warning)
+            self.warnings.append(f"at start-up: {warning}")
             log.warning(warning, extra={"destinations": len(self.settings.destinations)})
 
     @property

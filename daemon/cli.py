@@ -62,9 +62,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from daemon.startup import check_sqlite_folder
     from db.engine import make_engine
     from db.schema import current_revision, head_revision, upgrade
-    from daemon.startup import check_sqlite_folder
 
     settings = _settings(args)
     check_sqlite_folder(settings.database.url)
@@ -91,7 +91,10 @@ def _config_everywhere(parser: argparse.ArgumentParser) -> None:
             for child in action.choices.values():
                 if not any(a.dest == "config" for a in child._actions):
                     child.add_argument(
-                        "--config", "-c", metavar="FILE", default=argparse.SUPPRESS,
+                        "--config",
+                        "-c",
+                        metavar="FILE",
+                        default=argparse.SUPPRESS,
                         help=f"TOML configuration (default: ${CONFIG_ENV} or embedded defaults)",
                     )
                 _config_everywhere(child)
@@ -106,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"radflag {_version()}")
     parser.add_argument(
-        "--config", "-c", metavar="FILE", default=None,
+        "--config",
+        "-c",
+        metavar="FILE",
+        default=None,
         help=f"TOML configuration (default: ${CONFIG_ENV} or embedded defaults)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_check)
 
     studies = sub.add_parser(
-        "studies", help="list studies with state, finding and delivery",
+        "studies",
+        help="list studies with state, finding and delivery",
         description="The most recent studies. Subcommands: show, find, reprocess, resend.",
     )
     studies.add_argument("--limit", type=int, default=50, help="most studies shown (50)")
@@ -152,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_broken_pipe() -> int:
-    """The reader went away (``radflag studies | head``): end quietly, as ``cat`` does."""
+    """End quietly when the reader went away (``radflag studies | head``), as ``cat`` does."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     return 141  # 128 + SIGPIPE, what a shell reports for a command ended by SIGPIPE

@@ -36,9 +36,7 @@ def destination_targets(
     ValueError
         When ``only`` names no configured destination.
     """
-    chosen = [
-        d for d in destinations if only is None or only in (d.name, d.ae_title)
-    ]
+    chosen = [d for d in destinations if only is None or only in (d.name, d.ae_title)]
     if only is not None and not chosen:
         known = ", ".join(f"{d.name} ({d.ae_title or 'sender'})" for d in destinations) or "none"
         raise ValueError(f"no configured destination named {only!r}; configured: {known}")

@@ -47,7 +47,7 @@ def _first_line(exc: BaseException) -> str:
 
 # -- database ---------------------------------------------------------------------------------
 def check_sqlite_folder(url: str) -> None:
-    """A SQLite file's folder must exist; only the embedded default folder is created.
+    """Check that a SQLite file's folder exists; only the embedded default one is created.
 
     Raises
     ------
@@ -70,6 +70,7 @@ def check_sqlite_folder(url: str) -> None:
 
 
 def database_cause(url: str, exc: BaseException) -> str:
+    """Say in one line why the database at ``url`` could not be opened."""
     parsed = make_url(url)
     msg = _first_line(exc)
     low = msg.lower()
@@ -186,7 +187,10 @@ def load_bundles(settings: Settings) -> list[LoadedModel]:
 def _cheap_checks(settings: Settings) -> list[tuple[str, Callable[[], object]]]:
     lst, http = settings.listener, settings.http
     checks: list[tuple[str, Callable[[], object]]] = [
-        ("storage.spool_dir", lambda: check_directory("storage.spool_dir", settings.storage.spool_dir)),
+        (
+            "storage.spool_dir",
+            lambda: check_directory("storage.spool_dir", settings.storage.spool_dir),
+        ),
         (
             "storage.results_dir",
             lambda: check_directory("storage.results_dir", settings.storage.results_dir),
@@ -224,7 +228,9 @@ def startup_step(setting: str) -> Iterator[None]:
 
 
 # -- destinations -----------------------------------------------------------------------------
-def echo_destination(settings: Settings, dest: DestinationSettings, timeout_s: float = 5.0) -> str | None:
+def echo_destination(
+    settings: Settings, dest: DestinationSettings, timeout_s: float = 5.0
+) -> str | None:
     """C-ECHO a destination; return None when it answers, else the cause (one line).
 
     ``to_sender`` destinations without a fixed address cannot be echoed: None.

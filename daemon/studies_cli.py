@@ -71,8 +71,17 @@ def _cells(row: StudyRow, wide: bool) -> list[str]:
     return cells
 
 
-HEADER = ["STUDY INSTANCE UID", "ACCESSION", "STUDY DATE", "STATE", "FINDING", "PROB",
-          "THRESH", "DELIVERED", "RECEIVED (UTC)"]
+HEADER = [
+    "STUDY INSTANCE UID",
+    "ACCESSION",
+    "STUDY DATE",
+    "STATE",
+    "FINDING",
+    "PROB",
+    "THRESH",
+    "DELIVERED",
+    "RECEIVED (UTC)",
+]
 WIDE_HEADER = ["SENDER", "IMG", "MODEL", "FINISHED (UTC)", "REASON"]
 _RIGHT = {"PROB", "THRESH", "IMG"}
 
@@ -201,8 +210,10 @@ def cmd_resend(args: argparse.Namespace) -> int:
     except ActionRefused as exc:
         raise AdminError(str(exc)) from None
     names = ", ".join(t.name for t in targets)
-    print(f"queued {n} result object{'s' if n != 1 else ''} for {names}; "
-          "see `radflag outbox list --state PENDING`")
+    print(
+        f"queued {n} result object{'s' if n != 1 else ''} for {names}; "
+        "see `radflag outbox list --state PENDING`"
+    )
     return 0
 
 
@@ -216,20 +227,31 @@ def _when_arg(text: str) -> datetime:
 
 def add_table_options(p: argparse.ArgumentParser) -> None:
     """``--format`` and ``--wide/--narrow`` of the study tables."""
-    p.add_argument("--format", choices=["table", "json"], default="table",
-                   help="table (default) or JSON")
+    p.add_argument(
+        "--format", choices=["table", "json"], default="table", help="table (default) or JSON"
+    )
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--wide", dest="wide", action="store_true", default=None,
-                       help="one line per study with sender, images, model, reason "
-                            "(default when output is not a terminal)")
-    group.add_argument("--narrow", dest="wide", action="store_false",
-                       help="fewer columns, reason on its own line (default on a terminal)")
+    group.add_argument(
+        "--wide",
+        dest="wide",
+        action="store_true",
+        default=None,
+        help="one line per study with sender, images, model, reason "
+        "(default when output is not a terminal)",
+    )
+    group.add_argument(
+        "--narrow",
+        dest="wide",
+        action="store_false",
+        help="fewer columns, reason on its own line (default on a terminal)",
+    )
 
 
 def register(studies_sub: Any) -> None:
     """Add ``find``, ``reprocess`` and ``resend`` under ``radflag studies``."""
     find = studies_sub.add_parser(
-        "find", help="find studies by accession number or patient ID",
+        "find",
+        help="find studies by accession number or patient ID",
         description="Find studies by Accession Number (0008,0050) or Patient ID (0010,0020); "
         "the patient ID is hashed with the configured key exactly as at ingest.",
     )
@@ -239,22 +261,29 @@ def register(studies_sub: Any) -> None:
     find.set_defaults(func=cmd_find)
 
     rep = studies_sub.add_parser(
-        "reprocess", help="classify finished studies again (audited)",
+        "reprocess",
+        help="classify finished studies again (audited)",
         description="Put finished studies (DONE, NOT_APPLICABLE, FAILED, DELIVERY_FAILED, or "
         "stuck DELIVERING) back in the queue; the running daemon classifies them again and "
         "sends the new results (same SOP Instance UIDs, so the PACS replaces its copy).",
     )
     rep.add_argument("uids", nargs="*", metavar="UID", help="Study Instance UIDs")
-    rep.add_argument("--since", type=_when_arg, metavar="WHEN",
-                     help="every finished study last received since WHEN (24h, 7d, ISO 8601)")
+    rep.add_argument(
+        "--since",
+        type=_when_arg,
+        metavar="WHEN",
+        help="every finished study last received since WHEN (24h, 7d, ISO 8601)",
+    )
     rep.set_defaults(func=cmd_reprocess)
 
     resend = studies_sub.add_parser(
-        "resend", help="send the stored results of studies again (audited)",
+        "resend",
+        help="send the stored results of studies again (audited)",
         description="Queue the stored result objects (SR/SC) of classified studies again, to "
         "every configured destination or to one (--to).",
     )
     resend.add_argument("uids", nargs="+", metavar="UID", help="Study Instance UIDs")
-    resend.add_argument("--to", metavar="NAME|AE",
-                        help="only this configured destination (its name or AE title)")
+    resend.add_argument(
+        "--to", metavar="NAME|AE", help="only this configured destination (its name or AE title)"
+    )
     resend.set_defaults(func=cmd_resend)

@@ -217,10 +217,14 @@ def _payloads(session: Session, study: Study, results_root: Path) -> dict[str, l
     for r in current:  # the canonical SR is written even when no destination wanted it
         if r.sr_sop_instance_uid and r.sr_series_instance_uid:
             path = (
-                results_root / study.study_instance_uid / r.sr_series_instance_uid
+                results_root
+                / study.study_instance_uid
+                / r.sr_series_instance_uid
                 / f"{r.sr_sop_instance_uid}.dcm"
             )
-            found.setdefault("SR", []).append(_Payload(r.sr_sop_instance_uid, str(path), r.id, None))
+            found.setdefault("SR", []).append(
+                _Payload(r.sr_sop_instance_uid, str(path), r.id, None)
+            )
     return found
 
 
@@ -247,8 +251,13 @@ def _sender(session: Session, study: Study) -> tuple[str, str]:
 
 
 def _queue_for_target(
-    session: Session, study: Study, target: Target, found: dict[str, list[_Payload]],
-    results_root: Path, actor: str, now: datetime,
+    session: Session,
+    study: Study,
+    target: Target,
+    found: dict[str, list[_Payload]],
+    results_root: Path,
+    actor: str,
+    now: datetime,
 ) -> int:
     ae_title, host = target.ae_title, target.host
     if not ae_title or not host:
@@ -259,16 +268,28 @@ def _queue_for_target(
         for p in _choose(found.get(kind, []), target.name, results_root):
             session.add(
                 Delivery(
-                    study_id=study.id, result_id=p.result_id or None, destination=target.name,
-                    ae_title=ae_title, host=host, port=target.port, kind=kind,
-                    sop_instance_uid=p.sop_instance_uid, payload_path=p.payload_path,
-                    state=DeliveryState.PENDING.value, attempts=0, next_attempt_at=now,
+                    study_id=study.id,
+                    result_id=p.result_id or None,
+                    destination=target.name,
+                    ae_title=ae_title,
+                    host=host,
+                    port=target.port,
+                    kind=kind,
+                    sop_instance_uid=p.sop_instance_uid,
+                    payload_path=p.payload_path,
+                    state=DeliveryState.PENDING.value,
+                    attempts=0,
+                    next_attempt_at=now,
                     created_at=now,
                 )
             )
             audit(
-                session, AuditEventType.DELIVERY_QUEUED, actor=actor, study=study,
-                sop_instance_uid=p.sop_instance_uid, at=now,
+                session,
+                AuditEventType.DELIVERY_QUEUED,
+                actor=actor,
+                study=study,
+                sop_instance_uid=p.sop_instance_uid,
+                at=now,
                 detail={"destination": target.name, "kind": kind, "resend": True},
             )
             n += 1
@@ -276,8 +297,12 @@ def _queue_for_target(
 
 
 def _resend_one(
-    session: Session, study: Study, targets: Sequence[Target], results_root: Path,
-    actor: str, now: datetime,
+    session: Session,
+    study: Study,
+    targets: Sequence[Target],
+    results_root: Path,
+    actor: str,
+    now: datetime,
 ) -> int:
     state = StudyState(study.state)
     if state not in (StudyState.DONE, StudyState.DELIVERY_FAILED, StudyState.DELIVERING):
@@ -293,21 +318,26 @@ def _resend_one(
             Delivery.destination.in_(names),
             Delivery.state.in_([DeliveryState.PENDING.value, DeliveryState.DEAD.value]),
         )
-        .values(state=DeliveryState.CANCELLED.value, next_attempt_at=None,
-                last_error=f"replaced by a resend ({actor})")
+        .values(
+            state=DeliveryState.CANCELLED.value,
+            next_attempt_at=None,
+            last_error=f"replaced by a resend ({actor})",
+        )
     )
     found = _payloads(session, study, results_root)
-    n = sum(
-        _queue_for_target(session, study, t, found, results_root, actor, now) for t in targets
-    )
+    n = sum(_queue_for_target(session, study, t, found, results_root, actor, now) for t in targets)
     if n == 0:
         raise ActionRefused(
             f"study {study.study_instance_uid} has no stored result object of the kinds "
             f"{sorted({k for t in targets for k in t.kinds})} (use `radflag studies reprocess`)"
         )
     transition(
-        session, study, StudyEvent.RESEND_REQUESTED,
-        audit_type=AuditEventType.STUDY_RESEND_REQUESTED, actor=actor, now=now,
+        session,
+        study,
+        StudyEvent.RESEND_REQUESTED,
+        audit_type=AuditEventType.STUDY_RESEND_REQUESTED,
+        actor=actor,
+        now=now,
         detail={"destinations": names, "objects": n},
     )
     study.finished_at = None
