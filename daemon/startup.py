@@ -169,12 +169,11 @@ def load_bundles(settings: Settings) -> list[LoadedModel]:
     StartupError
         Naming ``models.bundles`` and the bundle's problem (missing, malformed, bad sha256).
     """
+    missing = [p for p in settings.models.bundles if not p.is_dir()]
+    if missing:  # said before torch is imported (seconds)
+        raise StartupError("models.bundles", f"no model bundle at {missing[0]}")
     from daemon.models import load_models
     from model.bundle import BundleError
-
-    missing = [p for p in settings.models.bundles if not p.is_dir()]
-    if missing:
-        raise StartupError("models.bundles", f"no model bundle at {missing[0]}")
     try:
         return load_models(
             settings.models.bundles, settings.worker.device, settings.worker.batch_size

@@ -70,6 +70,10 @@ def echo(
             reason = getattr(rej, "reason_str", None) or getattr(rej, "result_reason", "?")
             return EchoOutcome(False, f"association rejected by {called_ae}: {reason}")
         if not assoc.is_established:
+            if assoc.rejected_contexts:  # the node answered but offers no Verification SCP
+                return EchoOutcome(
+                    True, f"{called_ae} accepts associations (it does not support C-ECHO)"
+                )
             return EchoOutcome(False, f"association with {called_ae} aborted or timed out")
         status = assoc.send_c_echo()
         if not status or "Status" not in status:

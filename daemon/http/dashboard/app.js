@@ -110,7 +110,7 @@ function actionsCell(st) {
   }
   cmds.push("radflag studies show " + st.study_instance_uid);
   return el("td", { class: "actions" },
-    el("details", {}, el("summary", {}, cmds.length - 1 ? "resend / reprocess" : "show"),
+    el("details", {}, el("summary", {}, "commands"),
       ...cmds.map((c) => el("code", {}, c))));
 }
 
@@ -134,7 +134,7 @@ function renderStudies(studies) {
       el("td", { class: "time" }, prob),
       el("td", { class: "num" }, st.threshold === null ? "–" : st.threshold.toFixed(2)),
       el("td", {}, delivered),
-      el("td", { class: "reason" }, st.reason || ""),
+      el("td", { class: "reason", title: st.reason || "" }, el("span", {}, st.reason || "")),
       el("td", {}, st.calling_ae || "–"),
       el("td", { class: "time" }, fmtTime(st.last_received_at)),
       actionsCell(st));
