@@ -84,7 +84,7 @@ def database_cause(url: str, exc: BaseException) -> str:
     if "readonly" in low or "read-only" in low:
         return f"{parsed.database} is read-only"
     if "unable to open" in low:
-        return f"cannot open {parsed.database}"
+        return f"cannot open or create {parsed.database} (read-only folder or no permission)"
     return msg
 
 

@@ -67,6 +67,14 @@ CASES: dict[str, tuple[Callable[[Path, int], dict[str, Any]], tuple[str, ...]]] 
         lambda d, p: {"database": {"url": "sqlite:///no/such/dir/radflag.db"}},
         ("database.url: folder ", "conf/no/such/dir does not exist"),
     ),
+    "sqlite in a read-only folder": (
+        lambda d, p: {"database": {"url": "sqlite:////proc/radflag.db"}},
+        ("database.url: cannot open or create /proc/radflag.db",),
+    ),
+    "spool dir in a read-only folder": (
+        lambda d, p: {"storage": {"spool_dir": "/proc/radflag-spool"}},
+        ("storage.spool_dir: /proc/radflag-spool: ",),
+    ),
     "postgresql refused": (
         lambda d, p: {"database": {"url": f"postgresql+psycopg://radflag@127.0.0.1:{p}/radflag"}},
         ("database.url: PostgreSQL at 127.0.0.1:", "refused the connection"),
