@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from daemon.cli import build_parser
+from daemon.cli import build_parser, main
 from db.audit import AuditEventType, audit
 from db.engine import make_engine, make_session_factory
 from db.models import Study
@@ -38,8 +38,7 @@ def setup(tmp_path: Path) -> tuple[Path, Path]:
     (tmp_path / "conf" / "data").mkdir()
     other = tmp_path / "other"
     other.mkdir()
-    done = radflag("db", "upgrade", "--config", str(cfg), cwd=tmp_path / "conf")
-    assert done.returncode == 0, done.stderr
+    assert main(["db", "upgrade", "--config", str(cfg)]) == 0
     engine = make_engine(f"sqlite:///{tmp_path / 'conf' / 'data' / 'radflag.db'}")
     sessions = make_session_factory(engine)
     kw = {"quiet_s": 1.0, "classify_s": 2.0, "deliver_s": 1.0}
@@ -95,6 +94,14 @@ def setup(tmp_path: Path) -> tuple[Path, Path]:
     return cfg, other
 
 
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run ``radflag ARGS`` in this process (the console script's own ``main``)."""
+    capsys.readouterr()
+    rc = main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
 def _table(stdout: str) -> dict[str, list[str]]:
     rows = {}
     for line in stdout.splitlines()[1:]:
@@ -105,7 +112,7 @@ def _table(stdout: str) -> dict[str, list[str]]:
 
 
 def test_studies_table_is_actionable_and_config_is_found_from_anywhere(
-    setup: tuple[Path, Path],
+    setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg, other = setup
     # --config before and after the subcommand, and RADFLAG_CONFIG, from another directory.
@@ -142,26 +149,29 @@ def test_studies_table_is_actionable_and_config_is_found_from_anywhere(
     assert "cannot decode pixel data" in rows[FAILED_UID][-1]
     assert "Pneumonia" not in " ".join(rows[NA_UID])
 
-    # The UID as printed pastes into `studies show`.
-    shown = radflag("studies", "show", LONG_UID, "-c", str(cfg), cwd=other)
-    assert shown.returncode == 0, shown.stderr
-    assert f"STUDY {LONG_UID}" in shown.stdout and "PRESENT" in shown.stdout
-    assert "threshold=0.50" in shown.stdout
+    # The UID as printed pastes into `studies show` (in-process from here: same main()).
+    monkeypatch.chdir(other)
+    rc, out, err = cli(capsys, "studies", "show", LONG_UID, "-c", str(cfg))
+    assert rc == 0, err
+    assert f"STUDY {LONG_UID}" in out and "PRESENT" in out and "threshold=0.50" in out
 
-    narrow = radflag("studies", "--narrow", "-c", str(cfg), cwd=other).stdout
+    _rc, narrow, _err = cli(capsys, "studies", "--narrow", "-c", str(cfg))
     assert "    reason: cannot decode pixel data: truncated" in narrow
 
-    found = radflag("studies", "find", "--accession", "ACC-2", "-c", str(cfg), cwd=other)
-    assert found.returncode == 0 and list(_table(found.stdout)) == [NEG_UID]
-    none = radflag("studies", "find", "--accession", "NOPE", "-c", str(cfg), cwd=other)
-    assert none.returncode == 1 and "(no study)" in none.stdout
+    rc, out, _err = cli(capsys, "studies", "find", "--accession", "ACC-2", "-c", str(cfg))
+    assert rc == 0 and list(_table(out)) == [NEG_UID]
+    rc, out, _err = cli(capsys, "studies", "find", "--accession", "NOPE", "-c", str(cfg))
+    assert rc == 1 and "(no study)" in out
 
 
-def test_stats_names_the_finding(setup: tuple[Path, Path]) -> None:
-    cfg, other = setup
-    done = radflag("stats", "--all", cwd=other, env=clean_env(RADFLAG_CONFIG=str(cfg)))
-    assert done.returncode == 0, done.stderr
-    assert "Pneumonia (233604007)" in done.stdout
+def test_stats_names_the_finding(
+    setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg, _other = setup
+    monkeypatch.setenv("RADFLAG_CONFIG", str(cfg))
+    rc, out, err = cli(capsys, "stats", "--all")
+    assert rc == 0, err
+    assert "Pneumonia (233604007)" in out
 
 
 def test_output_piped_to_head_ends_quietly(setup: tuple[Path, Path], tmp_path: Path) -> None:
@@ -177,11 +187,11 @@ def test_output_piped_to_head_ends_quietly(setup: tuple[Path, Path], tmp_path: P
                 processing_attempts=0,
                 updated_at=T0,
             )
-            for i in range(1500)
+            for i in range(700)
         )
     engine.dispose()
     proc = subprocess.Popen(
-        [str(RADFLAG), "studies", "--limit", "1500", "--config", str(cfg)],
+        [str(RADFLAG), "studies", "--limit", "700", "--config", str(cfg)],
         cwd=other,
         env=clean_env(),
         stdout=subprocess.PIPE,
@@ -216,32 +226,28 @@ def test_version_and_every_option_has_help() -> None:
     assert sorted(set(missing) - set(known_elsewhere)) == []
 
 
-def test_reprocess_and_resend_through_the_cli(setup: tuple[Path, Path], tmp_path: Path) -> None:
+def test_reprocess_and_resend_through_the_cli(
+    setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg, other = setup
     unknown = radflag("studies", "reprocess", "1.2.3.999", "-c", str(cfg), cwd=other)
     assert unknown.returncode == 2 and "no study 1.2.3.999" in unknown.stderr
-    no_dest = radflag("studies", "resend", LONG_UID, "-c", str(cfg), cwd=other)
-    assert no_dest.returncode == 2 and "no destination configured" in no_dest.stderr
+    assert "Traceback" not in unknown.stderr
+    c = str(cfg)
+    rc, _out, err = cli(capsys, "studies", "resend", LONG_UID, "-c", c)
+    assert rc == 2 and "no destination configured" in err
 
-    ok = radflag("studies", "reprocess", NA_UID, FAILED_UID, "-c", str(cfg), cwd=other)
-    assert ok.returncode == 0, ok.stderr
-    listed = json.loads(radflag("studies", "--format", "json", "-c", str(cfg), cwd=other).stdout)
-    states = {r["study_instance_uid"]: r["state"] for r in listed}
+    rc, _out, err = cli(capsys, "studies", "reprocess", NA_UID, FAILED_UID, "-c", c)
+    assert rc == 0, err
+    _rc, out, _err = cli(capsys, "studies", "--format", "json", "-c", c)
+    states = {r["study_instance_uid"]: r["state"] for r in json.loads(out)}
     assert states[NA_UID] == states[FAILED_UID] == "READY"
-    twice = radflag("studies", "reprocess", NA_UID, "-c", str(cfg), cwd=other)
-    assert twice.returncode == 2 and "is READY: it is already queued" in twice.stderr
-    events = json.loads(
-        radflag(
-            "audit",
-            "--event",
-            "STUDY_REPROCESS_REQUESTED",
-            "--format",
-            "json",
-            "-c",
-            str(cfg),
-            cwd=other,
-        ).stdout
+    rc, _out, err = cli(capsys, "studies", "reprocess", NA_UID, "-c", c)
+    assert rc == 2 and "is READY: it is already queued" in err
+    _rc, out, _err = cli(
+        capsys, "audit", "--event", "STUDY_REPROCESS_REQUESTED", "--format", "json", "-c", c
     )
+    events = json.loads(out)
     assert sorted(e["study_instance_uid"] for e in events) == sorted([NA_UID, FAILED_UID])
     assert {e["actor"] for e in events} == {"cli"}
 
@@ -251,14 +257,11 @@ def test_reprocess_and_resend_through_the_cli(setup: tuple[Path, Path], tmp_path
         free_port(),
         destinations=[{"name": "pacs2", "ae_title": "PACS2", "host": "127.0.0.1", "port": 104}],
     )
-    dest["storage"] = {"spool_dir": "data/spool", "results_dir": "data/results"}
-    cfg2 = write_toml(cfg.parent / "with-dest.toml", dest)
-    nothing = radflag("studies", "resend", NEG_UID, "-c", str(cfg2), cwd=other)
-    assert nothing.returncode == 2
-    assert "no stored result object" in nothing.stderr and "reprocess" in nothing.stderr
-    wrong = radflag("studies", "resend", NEG_UID, "--to", "NOPE", "-c", str(cfg2), cwd=other)
-    assert wrong.returncode == 2 and "configured: pacs2 (PACS2)" in wrong.stderr
-    assert "Traceback" not in unknown.stderr + no_dest.stderr + nothing.stderr + wrong.stderr
+    c2 = str(write_toml(cfg.parent / "with-dest.toml", dest))
+    rc, _out, err = cli(capsys, "studies", "resend", NEG_UID, "-c", c2)
+    assert rc == 2 and "no stored result object" in err and "reprocess" in err
+    rc, _out, err = cli(capsys, "studies", "resend", NEG_UID, "--to", "NOPE", "-c", c2)
+    assert rc == 2 and "configured: pacs2 (PACS2)" in err
 
 
 def test_environment_config_path_that_does_not_exist(tmp_path: Path) -> None:

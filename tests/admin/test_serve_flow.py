@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from daemon.cli import main
 from db.engine import make_engine, make_session_factory
 from db.models import AuditEvent, Study
 from tests.admin.conftest import Serve, base_sections, launch, radflag, wait_for, write_toml
@@ -71,10 +72,20 @@ def _row(stdout: str, uid: str) -> list[str]:
     return [c.strip() for c in line.split("  ") if c.strip()]
 
 
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``radflag ARGS`` in this process (the console script's ``main``)."""
+    capsys.readouterr()
+    rc = main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
 def test_no_destination_is_said_then_resend_and_reprocess_deliver(
     netns: NetNamespace,  # noqa: F811
     serves: list[Serve],
     tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if not dcmtk_available():
         pytest.skip("DCMTK not installed")
@@ -121,33 +132,33 @@ def test_no_destination_is_said_then_resend_and_reprocess_deliver(
     assert row[7] == "no destination"
 
     # 5. Found by the patient ID the RIS shows (hashed with the configured key, as at ingest).
-    found = radflag("studies", "find", "--patient-id", "PID-ADMIN-14", "-c", str(cfg), cwd=other)
-    assert found.returncode == 0 and study.study_uid in found.stdout
-    other_pid = radflag(
-        "studies", "find", "--patient-id", "PID-ADMIN-15", "-c", str(cfg), cwd=other
-    )
-    assert other_pid.returncode == 1 and study.study_uid not in other_pid.stdout
+    # From here the CLI runs in this process (same main(), from the other directory).
+    monkeypatch.chdir(other)
+    rc, out, _err = cli(capsys, "studies", "find", "--patient-id", "PID-ADMIN-14", "-c", str(cfg))
+    assert rc == 0 and study.study_uid in out
+    rc, out, _err = cli(capsys, "studies", "find", "--patient-id", "PID-ADMIN-15", "-c", str(cfg))
+    assert rc == 1 and study.study_uid not in out
 
     # 2. A destination is added; resend sends the stored SR (no heatmap was ever made).
     with StoreSCP(tmp_path / "pacs", ns=netns) as pacs:
         dest = [{"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.port}]
         cfg2 = write_toml(conf / "with-pacs.toml", base_sections(port, destinations=dest))
-        resend = radflag(
-            "studies", "resend", study.study_uid, "--to", pacs.aet, "-c", str(cfg2), cwd=other
+        rc, out, err = cli(
+            capsys, "studies", "resend", study.study_uid, "--to", pacs.aet, "-c", str(cfg2)
         )
-        assert resend.returncode == 0, resend.stderr
-        assert "queued 1 result object for pacs" in resend.stdout
+        assert rc == 0, err
+        assert "queued 1 result object for pacs" in out
         pacs.wait_for(1, timeout_s=60)
         wait_for(lambda: _state(serve, study.study_uid) == "DONE", 60, "DONE after the resend")
-        row = _row(radflag("studies", "-c", str(cfg2), cwd=other).stdout, study.study_uid)
+        row = _row(cli(capsys, "studies", "-c", str(cfg2))[1], study.study_uid)
         assert row[7] == "1/1"
         assert [e.actor for e in _events(serve, study.study_uid, "STUDY_RESEND_REQUESTED")] == [
             "cli"
         ]
 
         # 2. Reprocess classifies again (the daemon's own config has no destination).
-        rep = radflag("studies", "reprocess", study.study_uid, "-c", str(cfg2), cwd=other)
-        assert rep.returncode == 0, rep.stderr
+        rc, _out, err = cli(capsys, "studies", "reprocess", study.study_uid, "-c", str(cfg2))
+        assert rc == 0, err
         wait_for(
             lambda: len(_events(serve, study.study_uid, "STUDY_CLASSIFIED")) == 2,
             120,
