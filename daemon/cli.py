@@ -67,7 +67,7 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
     from db.schema import current_revision, head_revision, upgrade
 
     settings = _settings(args)
-    check_sqlite_folder(settings.database.url)
+    check_sqlite_folder(settings.database.url, settings.storage.spool_dir.parent)
     engine = make_engine(settings.database.url)
     before = current_revision(engine)
     upgrade(engine)

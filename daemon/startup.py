@@ -46,8 +46,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 # -- database ---------------------------------------------------------------------------------
-def check_sqlite_folder(url: str) -> None:
-    """Check that a SQLite file's folder exists; only the embedded default one is created.
+def check_sqlite_folder(url: str, data_dir: Path | None = None) -> None:
+    """Check that a SQLite file's folder exists.
+
+    Only radflag's own data folder is created: the embedded default ``./radflag-data/`` and
+    ``data_dir`` (the folder holding ``storage.spool_dir``), which radflag creates anyway.
 
     Raises
     ------
@@ -58,8 +61,12 @@ def check_sqlite_folder(url: str) -> None:
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return
     path = Path(str(parsed.database)).expanduser()
-    if url == DEFAULT_DATABASE_URL:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    own = data_dir is not None and path.parent.resolve() == data_dir.resolve()
+    if url == DEFAULT_DATABASE_URL or own:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError("database.url", f"{path.parent}: {exc.strerror}") from None
         return
     if not path.parent.is_dir():
         raise StartupError("database.url", f"folder {path.parent} does not exist")
@@ -101,7 +108,7 @@ def open_database(settings: Settings) -> Engine:
     from db.schema import SchemaMismatch, ensure_schema
 
     url = settings.database.url
-    check_sqlite_folder(url)
+    check_sqlite_folder(url, settings.storage.spool_dir.parent)
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
