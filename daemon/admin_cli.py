@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.settings import load_settings
@@ -124,6 +125,11 @@ def open_sessions(config: str | None, *, write: bool = False) -> sessionmaker[Se
     except SchemaMismatch as exc:
         engine.dispose()
         raise AdminError(str(exc)) from None
+    except SQLAlchemyError as exc:
+        from daemon.startup import database_cause
+
+        engine.dispose()
+        raise AdminError(f"database.url: {database_cause(settings.database.url, exc)}") from None
     return make_session_factory(engine) if write else make_read_session_factory(engine)
 
 
@@ -235,13 +241,14 @@ def write_stats(stats: Stats, fmt: str, out: TextIO) -> None:
         )
     out.write("\nPOSITIVE RATE PER MODEL VERSION PER DAY (UTC, current results)\n")
     out.write(
-        f"  {'DAY':<10} {'MODEL':<24} {'VERSION':<14} {'FINDING':<10} {'N':>6} {'POS':>6} "
-        f"{'RATE':>6} {'MEAN P':>7}\n"
+        f"  {'DAY':<10} {'MODEL':<24} {'VERSION':<14} {'FINDING':<24} {'N':>6} "
+        f"{'PRESENT':>7} {'RATE':>6} {'MEAN P':>7}\n"
     )
     for r in stats.positive_rate:
+        finding = f"{r.finding_meaning} ({r.finding_code})" if r.finding_meaning else r.finding_code
         out.write(
             f"  {r.day.isoformat():<10} {r.model_name[:24]:<24} {r.model_version[:14]:<14} "
-            f"{r.finding_code[:10]:<10} {r.n_results:>6} {r.n_positive:>6} "
+            f"{finding:<24} {r.n_results:>6} {r.n_positive:>7} "
             f"{r.positive_rate:>6.3f} {r.mean_probability:>7.3f}\n"
         )
     if not stats.positive_rate:
@@ -300,8 +307,8 @@ def write_timeline(tl: StudyTimeline, fmt: str, out: TextIO) -> None:
         out.write(
             f"  {_t(r.created_at)}  {r.model_name} {r.model_version} "
             f"(weights sha256 {r.weights_sha256[:16]}…)  {r.finding_meaning} ({r.finding_code})  "
-            f"p={r.probability:.4f} threshold={r.threshold:.3f} "
-            f"{'POSITIVE' if r.positive else 'negative'}  images={r.n_images} device={r.device}"
+            f"p={r.probability:.3f} threshold={r.threshold:.2f} "
+            f"{'PRESENT' if r.positive else 'ABSENT'}  images={r.n_images} device={r.device}"
             f"{'  SUPERSEDED' if r.superseded else ''}\n"
         )
         if r.sr_sop_instance_uid:
@@ -358,7 +365,7 @@ def _config_option(p: argparse.ArgumentParser, *, keep_parent: bool = False) -> 
 
 def register(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], *, studies: argparse.ArgumentParser
-) -> None:
+) -> Any:
     """Add ``audit``, ``stats`` and ``studies show`` to the ``radflag`` parser.
 
     Parameters
@@ -367,6 +374,11 @@ def register(
         The top-level subcommands.
     studies
         The existing ``studies`` parser (it keeps listing studies when no subcommand is given).
+
+    Returns
+    -------
+    argparse._SubParsersAction
+        The subcommands of ``studies`` (``daemon.studies_cli`` adds its own).
     """
     audit = sub.add_parser(
         "audit",
@@ -386,13 +398,19 @@ def register(
     audit.add_argument("--calling-ae", metavar="AE", help="sender's AE title")
     audit.add_argument("--study", metavar="UID", help="Study Instance UID")
     audit.add_argument("--finding", help="finding code or meaning (e.g. 233604007, pneumonia)")
-    audit.add_argument("--decision", choices=["positive", "negative"])
+    audit.add_argument(
+        "--decision",
+        choices=["positive", "negative"],
+        help="finding PRESENT (positive) or ABSENT (negative)",
+    )
     audit.add_argument("--model", metavar="NAME", help="model name")
-    audit.add_argument("--model-version", metavar="VERSION")
+    audit.add_argument("--model-version", metavar="VERSION", help="model version")
     audit.add_argument("--state", type=_state_arg, help="current study state")
-    audit.add_argument("--limit", type=int, default=1000)
-    audit.add_argument("--newest-first", action="store_true")
-    audit.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    audit.add_argument("--limit", type=int, default=1000, help="most events shown (1000)")
+    audit.add_argument("--newest-first", action="store_true", help="newest event first")
+    audit.add_argument(
+        "--format", choices=["table", "csv", "json"], default="table", help="output format"
+    )
     audit.set_defaults(func=_guarded(_cmd_audit))
 
     stats = sub.add_parser(
@@ -404,15 +422,18 @@ def register(
     )
     stats.add_argument("--until", type=_when_arg, help="window end (default: now)")
     stats.add_argument("--all", action="store_true", help="no window start (all history)")
-    stats.add_argument("--format", choices=["table", "json"], default="table")
+    stats.add_argument("--format", choices=["table", "json"], default="table", help="output format")
     stats.set_defaults(func=_guarded(_with_default_window(_cmd_stats)))
 
     studies_sub = studies.add_subparsers(dest="studies_command", required=False)
     show = studies_sub.add_parser("show", help="a study's full timeline")
     _config_option(show, keep_parent=True)
-    show.add_argument("uid", help="Study Instance UID")
-    show.add_argument("--format", choices=["text", "json"], default="text")
+    show.add_argument("uid", help="Study Instance UID (full, as `radflag studies` prints it)")
+    show.add_argument(
+        "--format", choices=["text", "json"], default="text", help="readable text (default) or JSON"
+    )
     show.set_defaults(func=_guarded(_cmd_show))
+    return studies_sub
 
 
 def _with_default_window(

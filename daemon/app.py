@@ -36,7 +36,7 @@ from daemon.models import LoadedModel, load_models
 from daemon.pipeline import StudyProcessor
 from daemon.retention import purge_spool
 from daemon.settings import Settings
-from daemon.sink import DatabaseSink
+from daemon.sink import DatabaseSink, DuplicatePushHandler
 from daemon.versions import warn_version_drift
 from daemon.worker import Worker
 from db.admin_models import ModelIdentity, record_models_in_use
@@ -135,7 +135,14 @@ class Radflag:
                 tls=lst.tls.to_server_tls(),
             ),
             self.spool,
-            CountingSink(DatabaseSink(self.sessions, policy), self.metrics),
+            CountingSink(
+                DatabaseSink(
+                    self.sessions,
+                    policy,
+                    on_duplicate=DuplicatePushHandler(settings, self.sessions),
+                ),
+                self.metrics,
+            ),
             on_event=self.on_listener_event,
         )
         tls_names = [d.name for d in settings.destinations if d.tls]
@@ -145,6 +152,8 @@ class Radflag:
         self._stopped = threading.Event()
         self._started = False
         self.http: HttpServer | None = None
+        self.warnings: list[str] = []
+        """Start-up warnings (no reachable destination): logged, on the dashboard, /readyz."""
 
     def on_listener_event(self, kind: str, detail: dict[str, Any]) -> None:
         """Audit what the listener refused (rejected associations, failed C-STOREs).
@@ -263,6 +272,9 @@ class Radflag:
         self.worker.start()
         self.listener.start()
         self._started = True
+        threading.Thread(
+            target=self._check_destinations, name="radflag-destinations", daemon=True
+        ).start()
         log.info(
             "radflag started",
             extra={
@@ -272,6 +284,15 @@ class Radflag:
                 "worker_id": self.worker_id,
             },
         )
+
+    def _check_destinations(self) -> None:
+        """Warn when results would reach no one: no destination, or none answers C-ECHO."""
+        from daemon.startup import delivery_warning
+
+        warning = delivery_warning(self.settings)
+        if warning is not None:
+            self.warnings.append(f"at start-up: {warning}")
+            log.warning(warning, extra={"destinations": len(self.settings.destinations)})
 
     @property
     def port(self) -> int:

@@ -1,15 +1,21 @@
-"""The ``radflag`` command line: ``serve``, ``studies``, ``db upgrade``, ``model …``."""
+"""The ``radflag`` command line: ``serve``, ``check``, ``studies``, ``db upgrade``, ``model …``.
+
+``--config FILE`` (or ``$RADFLAG_CONFIG``) is accepted before or after any subcommand; every
+failure a person must fix is one line on stderr and exit status 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from daemon.admin_cli import AdminError
-from daemon.settings import Settings, SettingsError, load_settings
+from daemon.settings import CONFIG_ENV, Settings, SettingsError, config_path, load_settings
+from daemon.startup import StartupError
 from db.schema import SchemaMismatch
 
 
@@ -18,21 +24,50 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from daemon.app import Radflag
     from daemon.logsetup import configure_logging
+    from daemon.startup import preflight, startup_step
 
     settings = _settings(args)
     configure_logging(settings.logging.level, settings.logging.format)
-    app = Radflag(settings)
-    app.run_until_signal()
+    models = preflight(settings)  # cheap checks first, before torch and the web stack load
+    from daemon.app import Radflag
+    from daemon.http.server import HttpServerError
+
+    app = Radflag(settings, models=models)
+    try:
+        with startup_step("listener.port"):
+            app.run_until_signal()
+    except HttpServerError as exc:
+        raise StartupError("http.port", str(exc).splitlines()[0]) from None
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from daemon.startup import check_exit_status, run_checks
+
+    source = str(Path(args.config).resolve()) if args.config else "embedded defaults"
+    settings = _settings(args)
+    lines = run_checks(settings, source)
+    width = max(len(line.what) for line in lines)
+    for line in lines:
+        print(f"{line.level:<4}  {line.what:<{width}}  {line.detail}")
+    status = check_exit_status(lines)
+    verdict = {
+        0: "radflag can start and deliver",
+        1: "radflag can start; see the warnings",
+        2: "radflag would not start; fix the FAIL lines",
+    }[status]
+    print(verdict)
+    return status
+
+
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from daemon.startup import check_sqlite_folder
     from db.engine import make_engine
     from db.schema import current_revision, head_revision, upgrade
 
     settings = _settings(args)
+    check_sqlite_folder(settings.database.url, settings.storage.spool_dir.parent)
     engine = make_engine(settings.database.url)
     before = current_revision(engine)
     upgrade(engine)
@@ -40,90 +75,109 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_studies(args: argparse.Namespace) -> int:
-    from daemon.admin_cli import open_sessions
-    from db.queries import list_studies
+def _version() -> str:
+    try:
+        return version("radflag")
+    except PackageNotFoundError:
+        return "unknown"
 
-    rows = list_studies(open_sessions(args.config), limit=args.limit)
-    if args.format == "json":
-        print(
-            json.dumps(
-                [
-                    {
-                        k: (v.isoformat() if hasattr(v, "isoformat") else v)
-                        for k, v in vars(r).items()
-                    }
-                    for r in rows
-                ],
-                indent=2,
-            )
-        )
-        return 0
-    header = (
-        f"{'STUDY INSTANCE UID':<44} {'STATE':<16} {'FINDING':<12} {'PROB':>6} {'FLAG':<4} "
-        f"{'IMG':>3} {'RECEIVED (UTC)':<19} {'FINISHED (UTC)':<19}"
-    )
-    print(header)
-    for r in rows:
-        prob = f"{r.probability:.3f}" if r.probability is not None else "-"
-        flag = "POS" if r.positive else ("neg" if r.positive is not None else "-")
-        print(
-            f"{r.study_instance_uid[:44]:<44} {r.state:<16} {(r.finding or '-')[:12]:<12} "
-            f"{prob:>6} {flag:<4} {r.n_instances:>3} "
-            f"{r.first_received_at:%Y-%m-%d %H:%M:%S} "
-            f"{(f'{r.finished_at:%Y-%m-%d %H:%M:%S}' if r.finished_at else '-'):<19}"
-        )
-        if r.failure_reason:
-            print(f"    reason: {r.failure_reason}")
-    return 0
+
+def _config_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Give every (sub)command ``--config``; a value after the subcommand wins, else before."""
+    for action in parser._actions:
+        if action.dest == "config" and parser.prog != "radflag":
+            action.default = argparse.SUPPRESS
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                if not any(a.dest == "config" for a in child._actions):
+                    child.add_argument(
+                        "--config",
+                        "-c",
+                        metavar="FILE",
+                        default=argparse.SUPPRESS,
+                        help=f"TOML configuration (default: ${CONFIG_ENV} or embedded defaults)",
+                    )
+                _config_everywhere(child)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``radflag`` argument parser."""
     parser = argparse.ArgumentParser(
-        prog="radflag", description="DICOM AI gateway for chest imaging."
+        prog="radflag",
+        description="DICOM AI gateway for chest imaging. "
+        f"The configuration is --config FILE, else ${CONFIG_ENV}, else embedded defaults.",
+    )
+    parser.add_argument("--version", action="version", version=f"radflag {_version()}")
+    parser.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        default=None,
+        help=f"TOML configuration (default: ${CONFIG_ENV} or embedded defaults)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument(
-            "--config", "-c", metavar="FILE", help="TOML configuration (default: embedded defaults)"
-        )
-        return p
-
-    serve = with_config(
-        sub.add_parser("serve", help="run the DICOM listener, worker and scheduler")
-    )
+    serve = sub.add_parser("serve", help="run the DICOM listener, worker and scheduler")
     serve.set_defaults(func=_cmd_serve)
 
-    studies = with_config(sub.add_parser("studies", help="list studies with state and result"))
-    studies.add_argument("--limit", type=int, default=50)
-    studies.add_argument("--format", choices=["table", "json"], default="table")
-    studies.set_defaults(func=_cmd_studies)
+    check = sub.add_parser(
+        "check",
+        help="check the configuration, database, bundles, ports and destinations, then exit",
+        description="Validate the configuration, open the database, load the model bundles, "
+        "bind the ports and C-ECHO every destination. Exit 0 when all is well, 1 with "
+        "warnings (e.g. a destination does not answer), 2 when radflag would not start.",
+    )
+    check.set_defaults(func=_cmd_check)
+
+    studies = sub.add_parser(
+        "studies",
+        help="list studies with state, finding and delivery",
+        description="The most recent studies. Subcommands: show, find, reprocess, resend.",
+    )
+    studies.add_argument("--limit", type=int, default=50, help="most studies shown (50)")
+    from daemon.studies_cli import add_table_options, cmd_list
+    from daemon.studies_cli import register as register_studies
+
+    add_table_options(studies)
+    studies.set_defaults(func=cmd_list)
 
     db = sub.add_parser("db", help="database maintenance")
     db_sub = db.add_subparsers(dest="db_command", required=True)
-    up = with_config(db_sub.add_parser("upgrade", help="apply schema migrations"))
+    up = db_sub.add_parser("upgrade", help="apply schema migrations")
     up.set_defaults(func=_cmd_db_upgrade)
 
     from daemon.admin_cli import register as register_admin
     from model.cli import register as register_model
 
-    register_admin(sub, studies=studies)
+    register_studies(register_admin(sub, studies=studies))
     register_model(sub)
     from daemon.outbox_cli import register as register_outbox
 
     register_outbox(sub)
+    _config_everywhere(parser)
     return parser
+
+
+def _quiet_broken_pipe() -> int:
+    """End quietly when the reader went away (``radflag studies | head``), as ``cat`` does."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE, what a shell reports for a command ended by SIGPIPE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``radflag`` console command."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    chosen = config_path(getattr(args, "config", None))
+    args.config = str(chosen) if chosen else None
     try:
-        return int(args.func(args))
-    except (SettingsError, AdminError, SchemaMismatch) as exc:
+        status = int(args.func(args))
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    except (SettingsError, AdminError, SchemaMismatch, StartupError) as exc:
         print(f"radflag: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -24,10 +24,17 @@ def register(sub: Any) -> None:
         return p
 
     lst = with_config(outbox_sub.add_parser("list", help="show outbox entries"))
-    lst.add_argument("--state", action="append", choices=["PENDING", "SENT", "DEAD", "CANCELLED"])
+    lst.add_argument(
+        "--state",
+        action="append",
+        choices=["PENDING", "SENT", "DEAD", "CANCELLED"],
+        help="only entries in this state (repeatable)",
+    )
     lst.add_argument("--study", metavar="STUDY_UID", help="only this study")
-    lst.add_argument("--limit", type=int, default=100)
-    lst.add_argument("--format", choices=["table", "json"], default="table")
+    lst.add_argument("--limit", type=int, default=100, help="most entries shown (100)")
+    lst.add_argument(
+        "--format", choices=["table", "json"], default="table", help="output format"
+    )
     lst.set_defaults(func=_cmd_list)
 
     retry = with_config(outbox_sub.add_parser("retry", help="send DEAD entries again"))
@@ -71,14 +78,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
             )
         )
         return 0
+    dest_w = max([len("DESTINATION")] + [len(r.destination) for r in rows])
     print(
-        f"{'ID':>6} {'STATE':<9} {'KIND':<4} {'DESTINATION':<20} {'TRY':>3} "
-        f"{'NEXT (UTC)':<19} {'STUDY INSTANCE UID':<44}"
+        f"{'ID':>6} {'STATE':<9} {'KIND':<4} {'DESTINATION':<{dest_w}} {'TRY':>3} "
+        f"{'NEXT (UTC)':<19} STUDY INSTANCE UID"
     )
-    for r in rows:
+    for r in rows:  # full UIDs: they paste into `radflag studies show|resend`
         print(
-            f"{r.delivery_id:>6} {r.state:<9} {r.kind:<4} {r.destination[:20]:<20} "
-            f"{r.attempts:>3} {_when(r.next_attempt_at):<19} {r.study_instance_uid[:44]}"
+            f"{r.delivery_id:>6} {r.state:<9} {r.kind:<4} {r.destination:<{dest_w}} "
+            f"{r.attempts:>3} {_when(r.next_attempt_at):<19} {r.study_instance_uid}"
         )
         if r.last_error and r.state != "SENT":
             print(f"       last error: {r.last_error}")

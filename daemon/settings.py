@@ -33,6 +33,40 @@ from dicom_io.tls import ClientTls, ServerTls
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: AE, no backslash/control chars
 
 ENV_PREFIX = "RADFLAG_"
+CONFIG_ENV = "RADFLAG_CONFIG"
+"""Environment variable naming the configuration file when ``--config`` is not given."""
+
+DEFAULT_DATABASE_URL = "sqlite:///radflag-data/radflag.db"
+_SQLITE_DRIVERS = frozenset({"sqlite", "sqlite+pysqlite"})
+_POSTGRES_DRIVERS = frozenset({"postgresql+psycopg"})
+
+
+def validate_database_url(value: str) -> str:
+    """Check a database URL strictly: scheme and driver radflag supports, a database named.
+
+    Accepted: ``sqlite:///path`` (``sqlite+pysqlite``) and ``postgresql+psycopg://…/dbname``.
+    Whether a SQLite file's folder exists is checked at start-up (``daemon.startup``).
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(value)
+    except ArgumentError:
+        raise ValueError(f"{value!r} is not a database URL") from None
+    if url.drivername in _SQLITE_DRIVERS:
+        if not url.database:
+            raise ValueError("a sqlite URL needs a file: sqlite:///path/radflag.db")
+        return value
+    if url.drivername in _POSTGRES_DRIVERS:
+        if not url.database:
+            raise ValueError("a postgresql+psycopg URL needs a database name after the host")
+        return value
+    hint = " (write postgresql+psycopg://)" if url.get_backend_name() == "postgresql" else ""
+    raise ValueError(
+        f"unsupported scheme {url.drivername!r}{hint}: use sqlite:///path/radflag.db "
+        "or postgresql+psycopg://user@host/dbname"
+    )
 
 
 def validate_ae_title(value: str) -> str:
@@ -126,16 +160,18 @@ class StorageSettings(_Section):
 class DatabaseSettings(_Section):
     """The SQL database (SQLite by default, PostgreSQL in production)."""
 
-    url: str = "sqlite:///radflag-data/radflag.db"
+    url: str = DEFAULT_DATABASE_URL
     auto_create: bool = True
     """Create the schema in an empty database at start-up (else `radflag db upgrade` first)."""
 
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if not v.startswith(("sqlite:", "postgresql:", "postgresql+")):
-            raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
-        return v
+        return validate_database_url(v)
+
+
+OnDuplicateStudy = Literal["ignore", "resend", "reprocess"]
+"""What a duplicate push of a finished study does (``[completion] on_duplicate_study``)."""
 
 
 class CompletionSettings(_Section):
@@ -143,6 +179,9 @@ class CompletionSettings(_Section):
 
     quiet_period_s: float = Field(30.0, ge=0)
     check_interval_s: float = Field(2.0, gt=0)
+    on_duplicate_study: OnDuplicateStudy = "ignore"
+    """A finished study pushed again (only instances already received): ``ignore`` it,
+    ``resend`` its results to the destinations, or ``reprocess`` it."""
 
 
 class WorkerSettings(_Section):
@@ -395,14 +434,17 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, An
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration ({source}):"]
+    """One line per bad key (a single bad key: one line in all)."""
+    lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
+        lines.append(f"{loc}: {msg}")
+    if len(lines) == 1:
+        return f"invalid configuration ({source}): {lines[0]}"
+    return "\n".join([f"invalid configuration ({source}):"] + [f"  {line}" for line in lines])
 
 
 def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -432,6 +474,82 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
             raise SettingsError(f"{path}: not valid TOML: {exc}") from None
     data = _apply_env(data, os.environ if environ is None else environ)
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as exc:
         raise SettingsError(_format_errors(exc, source)) from None
+    if path is None:
+        return settings
+    return resolve_paths(settings, path.resolve().parent)
+
+
+def config_path(explicit: str | None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """Return the configuration file to read: ``--config``, else ``$RADFLAG_CONFIG``, else None."""
+    env = os.environ if environ is None else environ
+    chosen = explicit or env.get(CONFIG_ENV) or None
+    return Path(chosen) if chosen else None
+
+
+def _under(base: Path, value: Path | str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _file_under(base: Path, value: str) -> str:
+    return str(_under(base, value)) if value else value
+
+
+def _sqlite_url_under(base: Path, url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.drivername not in _SQLITE_DRIVERS or parsed.database in (None, "", ":memory:"):
+        return url
+    return parsed.set(database=str(_under(base, str(parsed.database)))).render_as_string(
+        hide_password=False
+    )
+
+
+def resolve_paths(settings: Settings, base: Path) -> Settings:
+    """Return ``settings`` with every relative path made absolute under ``base``.
+
+    ``base`` is the folder of the configuration file, so that an admin command run from any
+    directory finds the same database, spool and bundles as the daemon (embedded defaults
+    with no file stay relative to the working directory).
+    """
+    st, lt, dt = settings.storage, settings.listener.tls, settings.delivery.tls
+    return settings.model_copy(
+        update={
+            "storage": st.model_copy(
+                update={
+                    "spool_dir": _under(base, st.spool_dir),
+                    "results_dir": _under(base, st.results_dir),
+                }
+            ),
+            "database": settings.database.model_copy(
+                update={"url": _sqlite_url_under(base, settings.database.url)}
+            ),
+            "models": settings.models.model_copy(
+                update={"bundles": [_under(base, b) for b in settings.models.bundles]}
+            ),
+            "listener": settings.listener.model_copy(
+                update={
+                    "tls": lt.model_copy(
+                        update={
+                            k: _file_under(base, getattr(lt, k))
+                            for k in ("cert_file", "key_file", "ca_file")
+                        }
+                    )
+                }
+            ),
+            "delivery": settings.delivery.model_copy(
+                update={
+                    "tls": dt.model_copy(
+                        update={
+                            k: _file_under(base, getattr(dt, k))
+                            for k in ("cert_file", "key_file", "ca_file")
+                        }
+                    )
+                }
+            ),
+        }
+    )

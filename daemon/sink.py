@@ -3,15 +3,98 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon.settings import DestinationSettings, Settings
+from db.admin_actions import Target, note_study_identifiers, on_duplicate_push
 from db.ingest import NewInstance, PatientIdPolicy, record_instance
 from dicom_io.scp import ReceivedInstance, SinkUnavailable
 from dicom_io.select import is_never_classified
 
 log = logging.getLogger(__name__)
+
+_IDENTIFIER_TAGS = ["AccessionNumber", "StudyDate"]
+_REMEMBERED_STUDIES = 4096
+
+
+def destination_targets(
+    destinations: Sequence[DestinationSettings], only: str | None = None
+) -> list[Target]:
+    """Return the configured destinations as resend targets; ``only`` = a name or AE title.
+
+    Raises
+    ------
+    ValueError
+        When ``only`` names no configured destination.
+    """
+    chosen = [d for d in destinations if only is None or only in (d.name, d.ae_title)]
+    if only is not None and not chosen:
+        known = ", ".join(f"{d.name} ({d.ae_title or 'sender'})" for d in destinations) or "none"
+        raise ValueError(f"no configured destination named {only!r}; configured: {known}")
+    return [
+        Target(name=d.name, ae_title=d.ae_title, host=d.host, port=d.port, kinds=tuple(d.outputs))
+        for d in chosen
+    ]
+
+
+class DuplicatePushHandler:
+    """Acts once per burst when a finished study is pushed again (``on_duplicate_study``).
+
+    Every instance of a re-pushed study is a duplicate; the first one triggers the action,
+    the others within ``debounce_s`` are ignored.
+    """
+
+    def __init__(
+        self, settings: Settings, sessions: sessionmaker[Session], *, debounce_s: float = 60.0
+    ) -> None:
+        self._mode = settings.completion.on_duplicate_study
+        self._targets = destination_targets(settings.destinations)
+        self._results_root = Path(settings.storage.results_dir)
+        self._sessions = sessions
+        self._debounce_s = debounce_s
+        self._recent: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, instance: ReceivedInstance) -> None:
+        """Resend or reprocess the instance's study if it is finished (never raises)."""
+        if self._mode == "ignore" or not self._first_in_burst(instance.study_instance_uid):
+            return
+        try:
+            done = on_duplicate_push(
+                self._sessions,
+                instance.study_instance_uid,
+                self._mode,
+                self._targets,
+                self._results_root,
+                actor=f"dup:{instance.calling_ae}@{instance.peer_host}",
+            )
+        except SQLAlchemyError as exc:
+            log.error("duplicate push action failed", extra={"error": type(exc).__name__})
+            return
+        if done:
+            log.info(
+                "finished study pushed again",
+                extra={"study_instance_uid": instance.study_instance_uid, "action": done},
+            )
+
+    def _first_in_burst(self, study_uid: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            last = self._recent.get(study_uid)
+            self._recent[study_uid] = now
+            self._recent.move_to_end(study_uid)
+            while len(self._recent) > _REMEMBERED_STUDIES:
+                self._recent.popitem(last=False)
+        return last is None or now - last > self._debounce_s
 
 
 class DatabaseSink:
@@ -25,9 +108,18 @@ class DatabaseSink:
         How patient IDs are stored (keyed hash by default).
     """
 
-    def __init__(self, sessions: sessionmaker[Session], policy: PatientIdPolicy) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        policy: PatientIdPolicy,
+        *,
+        on_duplicate: Callable[[ReceivedInstance], None] | None = None,
+    ) -> None:
         self._sessions = sessions
         self._policy = policy
+        self._on_duplicate = on_duplicate
+        self._noted: OrderedDict[str, None] = OrderedDict()
+        self._noted_lock = threading.Lock()
 
     def store(self, instance: ReceivedInstance) -> bool:
         """Commit the instance row; True for a new instance, False for a duplicate.
@@ -52,10 +144,35 @@ class DatabaseSink:
             reopens_study=not is_never_classified(instance.sop_class_uid),
         )
         try:
-            return record_instance(self._sessions, item, self._policy)
+            is_new = record_instance(self._sessions, item, self._policy)
         except SQLAlchemyError as exc:
             log.error(
                 "database unavailable while recording an instance",
                 extra={"error": type(exc).__name__, "sop_instance_uid": instance.sop_instance_uid},
             )
             raise SinkUnavailable(f"database error: {type(exc).__name__}") from exc
+        if is_new:
+            self._note_identifiers(instance)
+        elif self._on_duplicate is not None:
+            self._on_duplicate(instance)
+        return is_new
+
+    def _note_identifiers(self, instance: ReceivedInstance) -> None:
+        """Record the study's Accession Number and Study Date once per study (best effort)."""
+        uid = instance.study_instance_uid
+        with self._noted_lock:
+            if uid in self._noted:
+                return
+            self._noted[uid] = None
+            while len(self._noted) > _REMEMBERED_STUDIES:
+                self._noted.popitem(last=False)
+        try:
+            ds = dcmread(instance.path, stop_before_pixels=True, specific_tags=_IDENTIFIER_TAGS)
+            note_study_identifiers(
+                self._sessions,
+                uid,
+                str(ds.get("AccessionNumber", "") or "").strip() or None,
+                str(ds.get("StudyDate", "") or "").strip() or None,
+            )
+        except (OSError, InvalidDicomError, SQLAlchemyError, ValueError) as exc:
+            log.debug("study identifiers not recorded", extra={"error": type(exc).__name__})

@@ -44,6 +44,8 @@ class AuditEventType(enum.StrEnum):
     """An operator removed an outbox entry (``radflag outbox drop``); it will not be sent."""
     STUDY_DONE = "STUDY_DONE"
     STUDY_REPROCESS_REQUESTED = "STUDY_REPROCESS_REQUESTED"
+    STUDY_RESEND_REQUESTED = "STUDY_RESEND_REQUESTED"
+    """An operator or a duplicate push queued a study's existing result objects again."""
     INSTANCES_PURGED = "INSTANCES_PURGED"
     """Retention removed spooled pixel data of a finished study (``instances.purged_at``)."""
 

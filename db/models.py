@@ -72,8 +72,12 @@ class Study(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     state: Mapped[str] = mapped_column(String(32), index=True)
-    patient_key: Mapped[str | None] = mapped_column(String(128))
+    patient_key: Mapped[str | None] = mapped_column(String(128), index=True)
     calling_ae: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)
+    """Accession Number (0008,0050) of the first instance that carried one (migration 0014)."""
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    """Study Date (0008,0020), ``YYYYMMDD`` as received (migration 0014)."""
     first_received_at: Mapped[datetime]
     last_received_at: Mapped[datetime]
     ready_at: Mapped[datetime | None]

@@ -6,6 +6,7 @@ dataclasses (or detached rows), so the CLI and the HTTP API can format them free
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -14,13 +15,19 @@ from sqlalchemy import ColumnElement, and_, exists, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.audit import AuditEventType
-from db.models import AuditEvent, Result, Study
+from db.models import AuditEvent, Delivery, Instance, Result, Study
 from db.states import StudyState
 
 
 @dataclass(frozen=True)
 class StudyRow:
-    """One line of ``radflag studies``."""
+    """One line of ``radflag studies`` (and of the dashboard's study table).
+
+    ``finding`` is the finding's name and ``positive`` the decision (PRESENT when True,
+    ABSENT when False); ``deliveries_*`` count the outbox entries of the current results
+    (cancelled ones excluded); ``reason`` says why a study ended NOT_APPLICABLE, FAILED or
+    DELIVERY_FAILED.
+    """
 
     study_instance_uid: str
     state: str
@@ -35,40 +42,130 @@ class StudyRow:
     classified_at: datetime | None
     finished_at: datetime | None
     failure_reason: str | None
+    accession_number: str | None = None
+    study_date: str | None = None
+    threshold: float | None = None
+    deliveries_sent: int = 0
+    deliveries_total: int = 0
+    deliveries_dead: int = 0
+    reason: str | None = None
+
+    @property
+    def decision(self) -> str | None:
+        """``PRESENT``/``ABSENT`` for the finding, None without a result."""
+        if self.positive is None:
+            return None
+        return "PRESENT" if self.positive else "ABSENT"
+
+    @property
+    def delivered(self) -> str:
+        """What reached the destinations: ``2/2``, ``0/2 (1 dead)``, ``no destination``, ``-``."""
+        if self.deliveries_total == 0:
+            if self.state == StudyState.DONE.value and self.positive is not None:
+                return "no destination"
+            return "-"
+        text = f"{self.deliveries_sent}/{self.deliveries_total}"
+        return text + (f" ({self.deliveries_dead} dead)" if self.deliveries_dead else "")
 
 
-def list_studies(sessions: sessionmaker[Session], *, limit: int = 50) -> list[StudyRow]:
-    """Return the most recently received studies with their current (non-superseded) result."""
-    with sessions() as session:
-        studies = session.scalars(
-            select(Study).order_by(Study.last_received_at.desc()).limit(limit)
-        ).all()
-        rows: list[StudyRow] = []
-        for st in studies:
-            result = session.scalars(
-                select(Result)
-                .where(Result.study_id == st.id, Result.superseded.is_(False))
-                .order_by(Result.probability.desc())
-                .limit(1)
-            ).first()
-            rows.append(
-                StudyRow(
-                    study_instance_uid=st.study_instance_uid,
-                    state=st.state,
-                    calling_ae=st.calling_ae,
-                    n_instances=len(st.instances),
-                    finding=result.finding_meaning if result else None,
-                    probability=result.probability if result else None,
-                    positive=result.positive if result else None,
-                    model=f"{result.model_name} {result.model_version}" if result else None,
-                    first_received_at=st.first_received_at,
-                    last_received_at=st.last_received_at,
-                    classified_at=st.classified_at,
-                    finished_at=st.finished_at,
-                    failure_reason=st.failure_reason,
-                )
+def _delivery_counts(session: Session, study_id: int) -> tuple[int, int, int]:
+    rows = session.execute(
+        select(Delivery.state, func.count())
+        .join(Result, Result.id == Delivery.result_id, isouter=True)
+        .where(
+            Delivery.study_id == study_id,
+            Delivery.state != "CANCELLED",
+            or_(Result.id.is_(None), Result.superseded.is_(False)),
+        )
+        .group_by(Delivery.state)
+    ).all()
+    counts = {state: int(n) for state, n in rows}
+    return counts.get("SENT", 0), sum(counts.values()), counts.get("DEAD", 0)
+
+
+def summarize_reasons(detail: dict[str, Any]) -> str:
+    """Condense a ``STUDY_NOT_APPLICABLE`` audit detail into ``"view_not_frontal x2, ..."``.
+
+    The detail maps each model name to its selection (``excluded``: SOP UID -> reason) and
+    ``unreadable`` to the instances whose header could not be read.
+    """
+    counts: dict[str, int] = {}
+    reasons = detail.get("reasons", detail)
+    for key, value in (reasons or {}).items():
+        if key == "unreadable" and isinstance(value, dict):
+            if value:
+                counts["unreadable header"] = counts.get("unreadable header", 0) + len(value)
+        elif isinstance(value, dict) and isinstance(value.get("excluded"), dict):
+            for why in value["excluded"].values():
+                counts[str(why)] = counts.get(str(why), 0) + 1
+    if not counts:
+        return "no image any model applies to"
+    return ", ".join(f"{k} x{n}" if n > 1 else k for k, n in sorted(counts.items()))
+
+
+def _reason(session: Session, st: Study) -> str | None:
+    if st.state == StudyState.NOT_APPLICABLE.value:
+        detail = session.scalars(
+            select(AuditEvent.detail)
+            .where(
+                AuditEvent.study_id == st.id,
+                AuditEvent.event_type == AuditEventType.STUDY_NOT_APPLICABLE.value,
             )
-        return rows
+            .order_by(AuditEvent.id.desc())
+            .limit(1)
+        ).first()
+        return summarize_reasons(detail or {})
+    return st.failure_reason
+
+
+def study_row(session: Session, st: Study) -> StudyRow:
+    """Build the table row of one study (current result with the highest probability)."""
+    result = session.scalars(
+        select(Result)
+        .where(Result.study_id == st.id, Result.superseded.is_(False))
+        .order_by(Result.probability.desc())
+        .limit(1)
+    ).first()
+    sent, total, dead = _delivery_counts(session, st.id)
+    n_instances = session.scalar(
+        select(func.count()).select_from(Instance).where(Instance.study_id == st.id)
+    )
+    return StudyRow(
+        study_instance_uid=st.study_instance_uid,
+        state=st.state,
+        calling_ae=st.calling_ae,
+        n_instances=int(n_instances or 0),
+        finding=result.finding_meaning if result else None,
+        probability=result.probability if result else None,
+        positive=result.positive if result else None,
+        model=f"{result.model_name} {result.model_version}" if result else None,
+        first_received_at=st.first_received_at,
+        last_received_at=st.last_received_at,
+        classified_at=st.classified_at,
+        finished_at=st.finished_at,
+        failure_reason=st.failure_reason,
+        accession_number=st.accession_number,
+        study_date=st.study_date,
+        threshold=result.threshold if result else None,
+        deliveries_sent=sent,
+        deliveries_total=total,
+        deliveries_dead=dead,
+        reason=_reason(session, st),
+    )
+
+
+def list_studies(
+    sessions: sessionmaker[Session],
+    *,
+    limit: int = 50,
+    study_uids: Sequence[str] | None = None,
+) -> list[StudyRow]:
+    """Return the most recently received studies (or those of ``study_uids``), newest first."""
+    stmt = select(Study).order_by(Study.last_received_at.desc()).limit(limit)
+    if study_uids is not None:
+        stmt = stmt.where(Study.study_instance_uid.in_(list(study_uids)))
+    with sessions() as session:
+        return [study_row(session, st) for st in session.scalars(stmt).all()]
 
 
 def audit_trail(sessions: sessionmaker[Session], study_instance_uid: str) -> list[AuditEvent]:

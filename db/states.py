@@ -47,6 +47,8 @@ class StudyEvent(enum.StrEnum):
     DELIVERY_GAVE_UP = "DELIVERY_GAVE_UP"
     DELIVERY_RETRIED = "DELIVERY_RETRIED"
     REPROCESS_REQUESTED = "REPROCESS_REQUESTED"
+    RESEND_REQUESTED = "RESEND_REQUESTED"
+    """An operator (or a duplicate push) queued the study's results again (``db.admin_actions``)."""
 
 
 S = StudyState
@@ -77,6 +79,12 @@ TRANSITIONS: dict[tuple[StudyState, StudyEvent], StudyState] = {
     (S.FAILED, E.REPROCESS_REQUESTED): S.READY,
     (S.NOT_APPLICABLE, E.REPROCESS_REQUESTED): S.READY,
     (S.DELIVERY_FAILED, E.REPROCESS_REQUESTED): S.READY,
+    # Operator actions (``radflag studies reprocess|resend``): a study stuck delivering may be
+    # re-classified (its PENDING entries are cancelled by the new result); results re-queued.
+    (S.DELIVERING, E.REPROCESS_REQUESTED): S.READY,
+    (S.DONE, E.RESEND_REQUESTED): S.DELIVERING,
+    (S.DELIVERY_FAILED, E.RESEND_REQUESTED): S.DELIVERING,
+    (S.DELIVERING, E.RESEND_REQUESTED): S.DELIVERING,
 }
 
 TERMINAL_STATES: frozenset[StudyState] = frozenset(

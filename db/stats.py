@@ -94,6 +94,8 @@ class DailyRate:
     n_positive: int
     positive_rate: float
     mean_probability: float
+    finding_meaning: str = ""
+    """The finding's name (SNOMED CT meaning), e.g. ``Pneumonia``."""
 
 
 @dataclass(frozen=True)
@@ -220,17 +222,20 @@ def collect_stats(
         if since is not None:
             result_window.append(Result.created_at >= since)
         buckets: dict[tuple[date, str, str, str], list[tuple[bool, float]]] = {}
-        for created, name, version, code, positive, probability in session.execute(
+        meanings: dict[str, str] = {}
+        for created, name, version, code, meaning, positive, probability in session.execute(
             select(
                 Result.created_at,
                 Result.model_name,
                 Result.model_version,
                 Result.finding_code,
+                Result.finding_meaning,
                 Result.positive,
                 Result.probability,
             ).where(*result_window)
         ).all():
             key = (created.date(), name, version, code)
+            meanings[code] = meaning
             buckets.setdefault(key, []).append((bool(positive), float(probability)))
     rates = tuple(
         DailyRate(
@@ -242,6 +247,7 @@ def collect_stats(
             n_positive=sum(1 for pos, _ in items if pos),
             positive_rate=sum(1 for pos, _ in items if pos) / len(items),
             mean_probability=sum(p for _, p in items) / len(items),
+            finding_meaning=meanings.get(code, ""),
         )
         for (day, name, version, code), items in sorted(buckets.items())
     )

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,7 +35,12 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.http.health import check_database, check_models, check_writable
+from daemon.http.health import (
+    check_database,
+    check_destinations,
+    check_models,
+    check_writable,
+)
 from daemon.http.schemas import (
     CheckOut,
     DeadLetterOut,
@@ -100,6 +105,8 @@ class ApiContext:
         True once the daemon is shutting down (``/healthz`` then answers 503).
     version
         radflag's version.
+    warnings
+        The daemon's current warnings (shown on the dashboard and in ``/readyz``).
     """
 
     sessions: sessionmaker[Session]
@@ -113,6 +120,8 @@ class ApiContext:
     started_at: datetime
     is_stopping: Callable[[], bool]
     version: str
+    warnings: Callable[[], list[str]] = field(default=lambda: [])
+    """Start-up warnings of the daemon (no destination, none reachable)."""
 
 
 def scrub(value: Any) -> Any:
@@ -207,6 +216,8 @@ def _add_probes(app: FastAPI, ctx: ApiContext) -> None:
             check_writable("results", ctx.results_dir),
         ]
         ok = all(c.ok for c in checks) and not ctx.is_stopping()
+        # Not a readiness failure (restarting would not help), but said where it is looked at.
+        checks.append(check_destinations(ctx.warnings()))
         body = ReadyOut(
             status="ready" if ok else "not ready",
             checks=[CheckOut.model_validate(c) for c in checks],
@@ -241,6 +252,7 @@ def _api_router(ctx: ApiContext) -> APIRouter:
             outbox_backlog=g.outbox_backlog,
             dead_letters=g.deliveries_by_state.get(DeliveryState.DEAD.value, 0),
             loaded_models=list(ctx.loaded_models),
+            warnings=ctx.warnings(),
         )
 
     @router.get("/studies", response_model=list[StudyOut], tags=["studies"])

@@ -68,3 +68,13 @@ def check_writable(name: str, directory: Path, min_free_bytes: int = 0) -> Check
             name, False, f"{directory}: {free // 2**20} MiB free, below {min_free_bytes // 2**20}"
         )
     return Check(name, True, f"{free // 2**20} MiB free")
+
+
+def check_destinations(warnings: Sequence[str]) -> Check:
+    """Report the daemon's delivery warnings; always ``ok`` (a down PACS is no reason to restart).
+
+    ``detail`` says ``results are sent`` or the warning (no destination, none reachable).
+    """
+    if warnings:
+        return Check("destinations", True, "WARNING: " + "; ".join(warnings))
+    return Check("destinations", True, "results are sent to the configured destinations")

@@ -60,6 +60,8 @@ class OverviewOut(_Out):
     outbox_backlog: int
     dead_letters: int
     loaded_models: list[LoadedModelOut]
+    warnings: list[str] = []
+    """Start-up warnings: no destination configured, or none answered C-ECHO."""
 
 
 class StudyOut(_Out):
@@ -78,6 +80,20 @@ class StudyOut(_Out):
     classified_at: datetime | None
     finished_at: datetime | None
     failure_reason: str | None
+    accession_number: str | None = None
+    """Accession Number (0008,0050): matches the study to the RIS order."""
+    study_date: str | None = None
+    """Study Date (0008,0020), ``YYYYMMDD``."""
+    threshold: float | None = None
+    decision: str | None = None
+    """``PRESENT`` or ``ABSENT`` for the finding; None without a result."""
+    delivered: str = "-"
+    """``sent/total`` outbox entries (``no destination`` when results went nowhere)."""
+    deliveries_sent: int = 0
+    deliveries_total: int = 0
+    deliveries_dead: int = 0
+    reason: str | None = None
+    """Why the study ended NOT_APPLICABLE, FAILED or DELIVERY_FAILED."""
 
 
 class FailureOut(_Out):

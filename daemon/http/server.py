@@ -152,6 +152,7 @@ def api_context(app: Radflag, is_stopping: threading.Event) -> ApiContext:
         started_at=utcnow(),
         is_stopping=is_stopping.is_set,
         version=_radflag_version(),
+        warnings=lambda: list(getattr(app, "warnings", [])),
     )
 
 

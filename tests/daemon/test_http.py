@@ -236,6 +236,7 @@ def test_api_needs_the_token_probes_do_not(
         "models": True,
         "spool": True,
         "results": True,
+        "destinations": True,  # issue 14: says whether results reach anyone; never "not ready"
     }
     assert get(app, "/metrics")[0] == 200
 

@@ -161,16 +161,25 @@ def test_dashboard_in_headless_chromium(
     assert dom.body.get("data-state") == "loaded"
     assert "content" not in dom.hidden_ids and "login" in dom.hidden_ids
     rows = dom.rows["studies"]
-    assert rows[0][:3] == ["Study Instance UID", "State", "Flag"]
-    shown = {r[0]: r for r in rows[1:]}
+    assert rows[0][:8] == [
+        "Study Instance UID", "Accession", "Study date", "State", "Finding", "Probability",
+        "Threshold", "Delivered",
+    ]
+    shown = {r[0]: r for r in rows[1:]}  # full UIDs, pasteable into `radflag studies show`
     assert set(shown) == {s["study_instance_uid"] for s in studies}
     for s in studies:
         row = shown[s["study_instance_uid"]]
-        assert row[1] == s["state"]
-        expected_flag = {True: "POSITIVE", False: "negative", None: "–"}[s["positive"]]
-        assert row[2] == expected_flag
+        assert row[1:4] == ["ACC1", "2024-01-01", s["state"]]
+        expected = {True: "PRESENT", False: "ABSENT", None: "–"}[s["positive"]]
+        assert row[4].split()[0] == expected
         if s["probability"] is not None:
-            assert f"{s['probability']:.3f}" in row[4]
+            assert f"{s['probability']:.3f}" in row[5]
+            assert row[6] == f"{s['threshold']:.2f}"
+        if s["state"] == "DONE":
+            assert row[7] == "2/2"  # SR + SC to the one destination
+        if s["state"] == "NOT_APPLICABLE":
+            assert "modality_not_supported" in row[8]
+        assert f"radflag studies show {s['study_instance_uid']}" in row[-1]
     failures = dom.rows["failures"][1:]
     assert [r[0] for r in failures] == [failed_uid]
     assert "decode" in failures[0][3].lower()

@@ -95,27 +95,57 @@ function renderCards(ov) {
     "v" + ov.version + " · up since " + fmtTime(ov.started_at) + " UTC";
 }
 
+function fmtDate(d) {
+  return d && /^\d{8}$/.test(d) ? d.slice(0, 4) + "-" + d.slice(4, 6) + "-" + d.slice(6) : (d || "–");
+}
+
+function actionsCell(st) {
+  // Read-only: the dashboard shows the audited CLI commands; there is no write API.
+  const cmds = [];
+  if (["DONE", "DELIVERY_FAILED", "DELIVERING"].includes(st.state) && st.decision !== null) {
+    cmds.push("radflag studies resend " + st.study_instance_uid);
+  }
+  if (["DONE", "NOT_APPLICABLE", "FAILED", "DELIVERY_FAILED", "DELIVERING"].includes(st.state)) {
+    cmds.push("radflag studies reprocess " + st.study_instance_uid);
+  }
+  cmds.push("radflag studies show " + st.study_instance_uid);
+  return el("td", { class: "actions" },
+    el("details", {}, el("summary", {}, "commands"),
+      ...cmds.map((c) => el("code", {}, c))));
+}
+
 function renderStudies(studies) {
   fillTable("studies", studies, (st) => {
-    const flag = st.positive === null ? el("span", { class: "muted" }, "–")
-      : el("span", { class: "badge " + (st.positive ? "POSITIVE" : "negative") },
-        st.positive ? "POSITIVE" : "negative");
+    const finding = st.decision === null ? el("span", { class: "muted" }, "–")
+      : el("span", {}, el("span", { class: "badge " + st.decision }, st.decision), " ",
+        st.finding || "");
     const prob = st.probability === null ? "–" : el("span", {},
       el("span", { class: "prob" + (st.positive ? " pos" : "") },
         el("span", { style: "width:" + Math.round(st.probability * 100) + "%" })),
       st.probability.toFixed(3));
+    const delivered = el("span", { class: "delivered" + (st.deliveries_dead ? " bad"
+      : (st.delivered === "no destination" ? " warn" : "")) }, st.delivered);
     return el("tr", { "data-uid": st.study_instance_uid },
-      el("td", { class: "uid", title: st.study_instance_uid }, st.study_instance_uid),
+      el("td", { class: "uid" }, st.study_instance_uid),
+      el("td", {}, st.accession_number || "–"),
+      el("td", { class: "time" }, fmtDate(st.study_date)),
       el("td", {}, el("span", { class: "badge " + st.state }, st.state)),
-      el("td", {}, flag),
-      el("td", {}, st.finding || "–"),
-      el("td", {}, prob),
-      el("td", {}, st.model || "–"),
-      el("td", { class: "num" }, st.n_instances),
+      el("td", {}, finding),
+      el("td", { class: "time" }, prob),
+      el("td", { class: "num" }, st.threshold === null ? "–" : st.threshold.toFixed(2)),
+      el("td", {}, delivered),
+      el("td", { class: "reason", title: st.reason || "" }, el("span", {}, st.reason || "")),
       el("td", {}, st.calling_ae || "–"),
       el("td", { class: "time" }, fmtTime(st.last_received_at)),
-      el("td", { class: "time" }, fmtTime(st.finished_at)));
+      actionsCell(st));
   }, "no study received yet");
+}
+
+function renderWarnings(ov) {
+  const box = document.getElementById("warnings");
+  const warnings = ov.warnings || [];
+  box.replaceChildren(...warnings.map((w) => el("p", {}, "⚠ " + w)));
+  box.hidden = warnings.length === 0;
 }
 
 function renderThroughput(tp) {
@@ -201,7 +231,8 @@ function renderModels(rows) {
     el("td", {}, m.loaded ? el("span", { class: "badge DONE" }, "loaded") : "–"),
     el("td", { class: "num" }, m.n_results),
     el("td", {}, fmtTime(m.last_result_at)),
-    el("td", { class: "num" }, m.card && m.card.threshold !== undefined ? m.card.threshold : "–")),
+    el("td", { class: "num" }, m.card && typeof m.card.threshold === "number"
+      ? m.card.threshold.toFixed(2) : "–")),
   "no model registered");
 }
 
@@ -241,6 +272,7 @@ async function refresh() {
     document.getElementById("logout").hidden = false;
     document.getElementById("error").hidden = true;
     renderCards(ov);
+    renderWarnings(ov);
     renderStudies(studies);
     renderThroughput(tp);
     renderLatency(lat);
