@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from pathlib import Path
+
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,11 +25,25 @@ class DatabaseSink:
         Session factory.
     policy
         How patient IDs are stored (keyed hash by default).
+    spool_root
+        The spool root; paths below it are stored relative to it (hosts sharing the spool
+        may mount it at other places). None stores paths as given.
     """
 
-    def __init__(self, sessions: sessionmaker[Session], policy: PatientIdPolicy) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        policy: PatientIdPolicy,
+        spool_root: Path | None = None,
+    ) -> None:
         self._sessions = sessions
         self._policy = policy
+        self._root = spool_root.resolve() if spool_root is not None else None
+
+    def _stored_path(self, path: Path) -> str:
+        if self._root is not None and path.resolve().is_relative_to(self._root):
+            return path.resolve().relative_to(self._root).as_posix()
+        return str(path)
 
     def store(self, instance: ReceivedInstance) -> bool:
         """Commit the instance row; True for a new instance, False for a duplicate.
@@ -46,10 +62,11 @@ class DatabaseSink:
             patient_id=instance.patient_id,
             calling_ae=instance.calling_ae,
             peer_host=instance.peer_host,
-            path=str(instance.path),
+            path=self._stored_path(instance.path),
             size_bytes=instance.size_bytes,
             transfer_syntax_uid=instance.transfer_syntax_uid,
             reopens_study=not is_never_classified(instance.sop_class_uid),
+            differs_from_spooled=instance.differs_from_spooled,
         )
         try:
             return record_instance(self._sessions, item, self._policy)
