@@ -208,8 +208,10 @@ class Radflag:
 
     # -- scheduled jobs -------------------------------------------------------------------
     def complete_studies(self) -> None:
-        """Scheduled, once per cluster: mark quiet studies READY, expire stale leases, reclaim
-        the work of dead processes, wake the worker."""
+        """Scheduled, once per cluster: ready quiet studies, expire leases, reclaim the dead.
+
+        Wakes the local worker when something became ready.
+        """
         set_thread_role("scheduler")
         with cluster_singleton(self.engine, "complete_studies") as mine:
             if not mine:
@@ -275,7 +277,10 @@ class Radflag:
             self.sessions,
             self.identity,
             max_attempts=self.settings.worker.max_attempts,
-            detail={"ae_title": self.settings.listener.ae_title, "port": self.settings.listener.port},
+            detail={
+                "ae_title": self.settings.listener.ae_title,
+                "port": self.settings.listener.port,
+            },
         )
         moved = relativize_instance_paths(self.sessions, self.spool.root)
         if reclaimed or moved:

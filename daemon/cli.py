@@ -51,9 +51,7 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps([_jsonable(vars(r)) for r in rows], indent=2))
         return 0
-    print(
-        f"{'PROCESS':<36} {'ROLES':<32} {'STARTED (UTC)':<19} {'BEAT':>6} {'STATE':<8} HOLDS"
-    )
+    print(f"{'PROCESS':<36} {'ROLES':<32} {'STARTED (UTC)':<19} {'BEAT':>6} {'STATE':<8} HOLDS")
     for r in rows:
         state = "alive" if r.alive else (r.stop_reason or "silent")[:8]
         print(

@@ -154,9 +154,7 @@ class Worker:
                 "attempt": claim.attempt,
             },
         )
-        with LeaseKeeper(
-            self._sessions, claim, lease_s=self._lease_s, interval_s=self._beat_s
-        ):
+        with LeaseKeeper(self._sessions, claim, lease_s=self._lease_s, interval_s=self._beat_s):
             self._processor.process(claim)
         self.processed += 1
         return True
@@ -191,7 +189,5 @@ def resolve_paths(claim: ClaimedStudy, root: Path | None) -> ClaimedStudy:
         return claim
     return dataclasses.replace(
         claim,
-        instances=tuple(
-            dataclasses.replace(i, path=str(root / i.path)) for i in claim.instances
-        ),
+        instances=tuple(dataclasses.replace(i, path=str(root / i.path)) for i in claim.instances),
     )

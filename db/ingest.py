@@ -117,9 +117,7 @@ def _record(session: Session, item: NewInstance, policy: PatientIdPolicy, when: 
         return False
 
     study = session.scalars(
-        select(Study)
-        .where(Study.study_instance_uid == item.study_instance_uid)
-        .with_for_update()
+        select(Study).where(Study.study_instance_uid == item.study_instance_uid).with_for_update()
     ).first()
     if study is None:
         study = Study(

@@ -124,8 +124,11 @@ def test_instance_during_processing_reopens_and_voids_the_run(
             select(AuditEvent).where(AuditEvent.event_type == "STUDY_REOPENED")
         ).one()
     assert study.state == "RECEIVING" and study.lease_owner is None
-    assert reopened.detail == {"from_state": "PROCESSING", "to_state": "RECEIVING",
-                               "lease_owner": "w1"}
+    assert reopened.detail == {
+        "from_state": "PROCESSING",
+        "to_state": "RECEIVING",
+        "lease_owner": "w1",
+    }
     with pytest.raises(LeaseLost):
         finish_not_applicable(pg_sessions, claim, {})
 
@@ -169,14 +172,28 @@ def test_two_senders_send_a_due_result_once(
         claim = claim_next(pg_sessions, "w1", lease_s=30)
         assert claim is not None
         out = OutputRecord(
-            destination="pacs", ae_title="PACS", host="127.0.0.1", port=pacs.port, kind="SR",
-            sop_instance_uid=str(ds.SOPInstanceUID), payload_path=str(payload),
+            destination="pacs",
+            ae_title="PACS",
+            host="127.0.0.1",
+            port=pacs.port,
+            kind="SR",
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            payload_path=str(payload),
         )
         record = ResultRecord(
-            model_name="m", model_version="1", weights_sha256="ab" * 32,
-            finding_code="233604007", finding_meaning="Pneumonia", probability=0.9,
-            positive=True, threshold=0.5, images={}, timings_ms={}, device="cpu",
-            sr_series_instance_uid="2.25.1", sr_sop_instance_uid=str(ds.SOPInstanceUID),
+            model_name="m",
+            model_version="1",
+            weights_sha256="ab" * 32,
+            finding_code="233604007",
+            finding_meaning="Pneumonia",
+            probability=0.9,
+            positive=True,
+            threshold=0.5,
+            images={},
+            timings_ms={},
+            device="cpu",
+            sr_series_instance_uid="2.25.1",
+            sr_sop_instance_uid=str(ds.SOPInstanceUID),
             outputs=(out,),
         )
         assert record_classification(pg_sessions, claim, [record])

@@ -44,7 +44,9 @@ def test_refused_duplicate_never_replaces_the_original(tmp_path: Path) -> None:
         original = save(ds, tmp_path / "original.dcm")
         changed = _mutated_copy(original, tmp_path / "changed.dcm")
         assert storescu(running.port, original).returncode == 0
-        spooled = running.spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        spooled = running.spool.path_for(
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+        )
         acknowledged = spooled.read_bytes()
 
         running.sink.fail = True  # the database goes down
@@ -66,7 +68,11 @@ def test_duplicate_with_other_bytes_is_kept_aside_and_audited(tmp_path: Path) ->
     spool = Spool(tmp_path / "spool")
     sink = DatabaseSink(sessions, PatientIdPolicy(key=b"k"), spool.root)
     config = ListenerConfig(
-        ae_title=SCP_AE, host="127.0.0.1", port=0, acse_timeout_s=10, dimse_timeout_s=20,
+        ae_title=SCP_AE,
+        host="127.0.0.1",
+        port=0,
+        acse_timeout_s=10,
+        dimse_timeout_s=20,
         network_timeout_s=20,
     )
     listener = Listener(config, spool, sink)

@@ -30,11 +30,14 @@ N_STUDIES = 20
 
 def _states(sessions: object) -> Counter[str]:
     with sessions() as s:  # type: ignore[operator]
-        return Counter(dict(s.execute(select(Study.state, func.count()).group_by(Study.state)).all()))
+        return Counter(
+            dict(s.execute(select(Study.state, func.count()).group_by(Study.state)).all())
+        )
 
 
 def test_kill9_during_classification_then_restart_finishes_all(
-    tmp_path: Path, tiny_bundle: Path  # noqa: F811
+    tmp_path: Path,
+    tiny_bundle: Path,  # noqa: F811
 ) -> None:
     source = shared_path("cxr", "kermany-pneumonia-train")
     images = kermany_images(source, N_STUDIES, offset=40)
@@ -71,7 +74,10 @@ def test_kill9_during_classification_then_restart_finishes_all(
         second = launch(cfg, port, tmp_path / "second.log")
         try:
             while _states(sessions)["DONE"] < N_STUDIES:
-                assert time.monotonic() - restarted_at < 60, (_states(sessions), second.log()[-2000:])
+                assert time.monotonic() - restarted_at < 60, (
+                    _states(sessions),
+                    second.log()[-2000:],
+                )
                 time.sleep(0.2)
             recovery_s = time.monotonic() - restarted_at
         finally:
