@@ -3,7 +3,8 @@
 Several radflag processes on several hosts share one database; their own clocks may drift
 apart, so every lease expiry and liveness check is computed from the database server's time
 (``SELECT CURRENT_TIMESTAMP`` / ``clock_timestamp()`` on PostgreSQL). SQLite runs in-process,
-so its clock *is* the host's: UTC now.
+so its clock *is* the host's: UTC now, read once the transaction holds SQLite's write lock
+(``BEGIN IMMEDIATE``), so that times follow the order in which transactions commit.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def db_now(session: Session) -> datetime:
         An open session; on PostgreSQL the query runs in its transaction.
     """
     if session.get_bind().dialect.name != "postgresql":
+        session.connection()  # begin (and wait for the write lock) before reading the clock
         return utcnow()
     value = session.execute(text("SELECT clock_timestamp()")).scalar_one()
     if not isinstance(value, datetime):
