@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, select, update
@@ -125,12 +127,10 @@ def test_silent_process_is_declared_dead_after_one_lease(
 
 
 def test_absolute_paths_are_made_relative_to_the_spool_root(
-    sessions: sessionmaker[Session], tmp_path: object
+    sessions: sessionmaker[Session],
 ) -> None:
     root = "/var/lib/radflag/spool"
     _claimed(sessions, "w1", path=f"{root}/1.2.3.4/1.2.3.4.0/1.2.3.4.1.dcm")
-    from pathlib import Path
-
     assert relativize_instance_paths(sessions, Path(root)) == 1
     assert relativize_instance_paths(sessions, Path(root)) == 0
     with sessions() as s:
@@ -151,3 +151,22 @@ def test_advisory_lock_admits_one_process_at_a_time(postgres_url: str) -> None:
     finally:
         a.dispose()
         b.dispose()
+
+
+def test_radflag_cluster_lists_live_processes_and_what_they_hold(
+    sessions: sessionmaker[Session], db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from daemon.cli import main
+
+    me = new_identity(["listener", "worker"], "cfg")
+    register(sessions, me, max_attempts=3)
+    _claimed(sessions, me.id)
+    cfg = tmp_path / "radflag.toml"
+    cfg.write_text(f'[database]\nurl = "{db_url}"\n')
+    assert main(["cluster", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert me.id in out and "listener,worker" in out and "alive" in out
+    assert "1 studies" in out and "1.2.3.4" in out
+    assert main(["cluster", "--config", str(cfg), "--format", "json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["studies_held"] == ["1.2.3.4"] and row["pid"] == me.pid
