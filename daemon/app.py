@@ -41,7 +41,7 @@ from daemon.metrics import (
 )
 from daemon.models import LoadedModel, load_models
 from daemon.pipeline import StudyProcessor
-from daemon.proc import install_log_filter, set_thread_role
+from daemon.proc import install_log_filter, remove_log_filter, set_thread_role
 from daemon.retention import purge_spool
 from daemon.settings import Settings
 from daemon.sink import DatabaseSink
@@ -178,6 +178,7 @@ class Radflag:
         self._stopped = threading.Event()
         self._started = False
         self.http: HttpServer | None = None
+        self._log_filter: logging.Filter | None = None
 
     def on_listener_event(self, kind: str, detail: dict[str, Any]) -> None:
         """Audit what the listener refused (rejected associations, failed C-STOREs).
@@ -271,7 +272,7 @@ class Radflag:
         self.spool.root.mkdir(parents=True, exist_ok=True)
         self.results.root.mkdir(parents=True, exist_ok=True)
         set_audit_process(self.worker_id)
-        install_log_filter(self.worker_id, ",".join(self.roles))
+        self._log_filter = install_log_filter(self.worker_id, ",".join(self.roles))
         self.http = start_http_server(self, self._stopped)  # first: a bad port fails early
         reclaimed = register(
             self.sessions,
@@ -402,6 +403,8 @@ class Radflag:
             )
         self.engine.dispose()
         log.info("radflag stopped", extra={"released_studies": len(released)})
+        if self._log_filter is not None:
+            remove_log_filter(self._log_filter)
 
     def run_until_signal(self) -> None:
         """Start, block until SIGTERM or SIGINT, then stop gracefully."""

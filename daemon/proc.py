@@ -51,3 +51,9 @@ def install_log_filter(process_id: str, default_role: str) -> ProcessLogFilter:
     for handler in logging.getLogger().handlers:
         handler.addFilter(flt)
     return flt
+
+
+def remove_log_filter(flt: logging.Filter) -> None:
+    """Detach ``flt`` from every handler of the root logger (on stop)."""
+    for handler in logging.getLogger().handlers:
+        handler.removeFilter(flt)

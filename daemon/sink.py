@@ -8,6 +8,7 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon.proc import set_thread_role
 from db.ingest import NewInstance, PatientIdPolicy, record_instance
 from dicom_io.scp import ReceivedInstance, SinkUnavailable
 from dicom_io.select import is_never_classified
@@ -52,6 +53,7 @@ class DatabaseSink:
         SinkUnavailable
             When the database cannot commit (the listener answers 0xA700, PS3.4 B.2.3).
         """
+        set_thread_role("listener")  # called in pynetdicom's association threads
         item = NewInstance(
             sop_instance_uid=instance.sop_instance_uid,
             sop_class_uid=instance.sop_class_uid,
