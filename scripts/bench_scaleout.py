@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Scale-out benchmark: studies per second with 1 worker process vs 2 (a measurement, not a test).
 
-For each worker count: a fresh PostgreSQL database, one ``radflag serve --roles
-listener,scheduler`` process receives N one-image studies pushed with DCMTK ``dcmsend``;
-once all are READY, K ``radflag serve --roles worker`` processes are started on the same
-machine and the same database. Throughput is N divided by the span from the first
-``STUDY_CLAIMED`` to the last ``STUDY_CLASSIFIED`` audit row (model loading excluded). Images
+For each worker count: a fresh PostgreSQL database, one ``radflag serve --roles listener``
+process receives N one-image studies pushed with DCMTK ``dcmsend``; K ``radflag serve --roles
+worker`` processes are started on the same machine and the same database and, once all of
+them are up (models loaded), every study is made READY at once. Throughput is N divided by
+the span from the first ``STUDY_CLAIMED`` to the last ``STUDY_CLASSIFIED`` audit row. Images
 are real radiographs from ``--data`` (Kermany folder) when given, else synthetic 512x512 DX.
 
 Usage (from the repository root, PostgreSQL at 127.0.0.1:5432 with trust auth)::
@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from db.engine import make_engine, make_session_factory  # noqa: E402
 from db.models import AuditEvent, Study  # noqa: E402
+from db.queue import mark_ready  # noqa: E402
 from db.schema import ensure_schema  # noqa: E402
 from tests.cluster.serve import Serve, free_port, launch, write_config  # noqa: E402
 from tests.peers.dcmtk import dcmsend  # noqa: E402
@@ -75,14 +76,14 @@ def run(k: int, files: list[Path], bundle: Path, work: Path) -> float:
             pacs_port=free_port(),
         )
         cfg.write_text(cfg.read_text().split("[[destinations]]")[0])  # no destination
-        procs.append(launch(cfg, port, work / f"k{k}-listener.log", roles="listener,scheduler"))
+        procs.append(launch(cfg, port, work / f"k{k}-listener.log", roles="listener"))
         sent = dcmsend(port, files, called_aet="RADFLAG", timeout_s=600)
         if sent.returncode != 0:
             raise RuntimeError(sent.stderr)
-        while _count(sessions, "READY") < len(files):
-            time.sleep(0.5)
         for i in range(k):
             procs.append(launch(cfg, port, work / f"k{k}-worker{i}.log", roles="worker"))
+        time.sleep(2.0)  # let the workers settle after loading their models
+        mark_ready(sessions, quiet_period_s=0.0)
         while _count(sessions, "READY") + _count(sessions, "PROCESSING") > 0:
             time.sleep(0.5)
         with sessions() as s:
