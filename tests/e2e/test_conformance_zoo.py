@@ -197,7 +197,7 @@ def test_every_zoo_and_chest_file_gets_its_outcome(tmp_path: Path, start_app: An
         sop_uid = str(headers[f].SOPInstanceUID)
         if sop_uid not in instances or instances[sop_uid].quarantined:
             continue
-        stored = Path(instances[sop_uid].path)
+        stored = app.spool.resolve(instances[sop_uid].path)
         stored_syntax = dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID
         assert _same_encoding(stored_syntax, headers[f].file_meta.TransferSyntaxUID), f.name
         decoded = read_image(stored)
