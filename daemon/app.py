@@ -122,6 +122,9 @@ class Radflag:
         )
         self.roles = self.identity.roles
         self.worker_id = self.identity.id
+        self._log_filter: logging.Filter | None = install_log_filter(
+            self.worker_id, ",".join(self.roles)
+        )
         self.engine: Engine = make_engine(settings.database.url)
         ensure_schema(self.engine, create_if_empty=settings.database.auto_create)
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
@@ -178,7 +181,6 @@ class Radflag:
         self._stopped = threading.Event()
         self._started = False
         self.http: HttpServer | None = None
-        self._log_filter: logging.Filter | None = None
 
     def on_listener_event(self, kind: str, detail: dict[str, Any]) -> None:
         """Audit what the listener refused (rejected associations, failed C-STOREs).
@@ -272,7 +274,6 @@ class Radflag:
         self.spool.root.mkdir(parents=True, exist_ok=True)
         self.results.root.mkdir(parents=True, exist_ok=True)
         set_audit_process(self.worker_id)
-        self._log_filter = install_log_filter(self.worker_id, ",".join(self.roles))
         self.http = start_http_server(self, self._stopped)  # first: a bad port fails early
         reclaimed = register(
             self.sessions,

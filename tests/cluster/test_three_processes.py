@@ -9,6 +9,7 @@ PACS stand-in once (C-STOREs counted), and the audit trail names the processes.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -130,6 +131,11 @@ def test_three_processes_one_killed(
     assert None not in audit_processes
     assert audit_processes <= {p.id for p in registered}
     assert dead.stop_reason == "heartbeat expired"
+    # every log line names its process and role
+    for name, serve in procs.items():
+        lines = [json.loads(x) for x in serve.log().splitlines() if x.startswith("{")]
+        assert lines and all({"host", "pid", "process_id", "role"} <= set(r) for r in lines)
+        assert "worker" in {r["role"] for r in lines}, name
     # every result object received once (needs iss13's outbox claim)
     assert len(received) == N_STUDIES
     duplicates = {uid: n for uid, n in received.items() if n > 1}
