@@ -1,5 +1,13 @@
 """Process lifecycle: wire the database, models, listener, scheduler and worker together.
 
+A process runs any subset of the roles ``listener``, ``worker``, ``sender`` and ``scheduler``
+(``radflag serve --roles``; default all); each role is safe to run in several processes on
+several hosts sharing one PostgreSQL database and one spool/results store. Every process
+registers in the process registry (:mod:`db.cluster`) and renews its heartbeat by the database
+clock; on start it reclaims at once the studies of its own dead previous incarnations.
+Scheduled jobs that must run once per cluster (completion, lease expiry, reclaim of dead
+processes, retention) take a PostgreSQL advisory lock (:mod:`db.locks`).
+
 Start order: database schema check -> models loaded (warm) -> scheduler and worker -> listener
 (accepting associations last). Stop order is the reverse: stop accepting associations and let
 the ones in flight finish, stop the scheduler, let the worker finish its study, hand any lease
@@ -13,9 +21,8 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import threading
-import uuid
+from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
@@ -34,15 +41,26 @@ from daemon.metrics import (
 )
 from daemon.models import LoadedModel, load_models
 from daemon.pipeline import StudyProcessor
+from daemon.proc import install_log_filter, remove_log_filter, set_thread_role
 from daemon.retention import purge_spool
 from daemon.settings import Settings
 from daemon.sink import DatabaseSink, DuplicatePushHandler
 from daemon.versions import warn_version_drift
 from daemon.worker import Worker
 from db.admin_models import ModelIdentity, record_models_in_use
-from db.audit import AuditEventType, audit
+from db.audit import AuditEventType, audit, set_audit_process
+from db.cluster import (
+    ROLES,
+    heartbeat,
+    mark_stopped,
+    new_identity,
+    reclaim_dead,
+    register,
+    relativize_instance_paths,
+)
 from db.engine import make_engine, make_session_factory
 from db.ingest import PatientIdPolicy
+from db.locks import cluster_singleton
 from db.models import utcnow
 from db.queue import expire_leases, mark_ready, release_own_leases
 from db.schema import ensure_schema
@@ -88,11 +106,26 @@ class Radflag:
         Validated settings.
     models
         Already-loaded models (tests inject them); loaded from the settings when None.
+    roles
+        The roles this process runs (default: all of :data:`db.cluster.ROLES`).
     """
 
-    def __init__(self, settings: Settings, models: list[LoadedModel] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        models: list[LoadedModel] | None = None,
+        roles: Sequence[str] = ROLES,
+    ) -> None:
         self.settings = settings
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.identity = new_identity(
+            roles,
+            f"{settings.listener.ae_title}:{settings.listener.port}:{settings.storage.spool_dir}",
+        )
+        self.roles = self.identity.roles
+        self.worker_id = self.identity.id
+        self._log_filter: logging.Filter | None = install_log_filter(
+            self.worker_id, ",".join(self.roles)
+        )
         self.engine: Engine = make_engine(settings.database.url)
         ensure_schema(self.engine, create_if_empty=settings.database.auto_create)
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
@@ -105,6 +138,8 @@ class Radflag:
             else load_models(
                 settings.models.bundles, settings.worker.device, settings.worker.batch_size
             )
+            if "worker" in self.roles
+            else []
         )
         policy = PatientIdPolicy(
             key=pseudonym_key(settings), store_clear=settings.privacy.store_patient_id_in_clear
@@ -118,6 +153,8 @@ class Radflag:
             ObservedProcessor(self.processor, self.metrics),
             lease_s=settings.worker.lease_s,
             poll_interval_s=settings.worker.poll_interval_s,
+            heartbeat_interval_s=settings.worker.heartbeat_interval_s,
+            spool_root=self.spool.root,
         )
         lst = settings.listener
         self.listener = Listener(
@@ -140,6 +177,7 @@ class Radflag:
                     self.sessions,
                     policy,
                     on_duplicate=DuplicatePushHandler(settings, self.sessions),
+                    spool_root=self.spool.root,
                 ),
                 self.metrics,
             ),
@@ -184,32 +222,112 @@ class Radflag:
 
     # -- scheduled jobs -------------------------------------------------------------------
     def complete_studies(self) -> None:
-        """Scheduled: mark quiet studies READY, expire stale leases, wake the worker."""
-        ready = mark_ready(self.sessions, self.settings.completion.quiet_period_s)
-        expired = expire_leases(self.sessions, max_attempts=self.settings.worker.max_attempts)
-        if ready or expired:
-            log.info("studies ready", extra={"ready": len(ready), "leases_expired": len(expired)})
-            self.worker.wake()
+        """Scheduled, once per cluster: ready quiet studies, expire leases, reclaim the dead.
+
+        Wakes the local worker when something became ready.
+        """
+        set_thread_role("scheduler")
+        with cluster_singleton(self.engine, "complete_studies") as mine:
+            if not mine:
+                return
+            worker = self.settings.worker
+            ready = mark_ready(self.sessions, self.settings.completion.quiet_period_s)
+            expired = expire_leases(
+                self.sessions,
+                max_attempts=worker.max_attempts,
+                actor=f"scheduler:{self.worker_id}",
+            )
+            reclaimed = reclaim_dead(
+                self.sessions,
+                self.identity,
+                lease_s=worker.lease_s,
+                max_attempts=worker.max_attempts,
+            )
+        if ready or expired or reclaimed:
+            log.info(
+                "studies ready",
+                extra={
+                    "ready": len(ready),
+                    "leases_expired": len(expired),
+                    "reclaimed": len(reclaimed),
+                },
+            )
+            if "worker" in self.roles:
+                self.worker.wake()
+
+    def beat(self) -> None:
+        """Scheduled in every process: renew this process's heartbeat (database clock)."""
+        set_thread_role("heartbeat")
+        try:
+            if not heartbeat(self.sessions, self.identity):
+                log.warning("this process had been declared dead; registration revived")
+        except SQLAlchemyError as exc:
+            log.error("heartbeat failed: %s", type(exc).__name__)
 
     def deliver(self) -> None:
         """Scheduled: send due outbox entries."""
+        set_thread_role("sender")
         counts = deliver_due(
             self.sessions, self.settings.delivery, self.results, self._delivery_tls
         )
         observe_delivery_round(self.metrics, counts)
 
     def purge_spool(self) -> None:
-        """Scheduled: purge old pixel data of finished studies (``[retention]``)."""
-        purge_spool(self.sessions, self.spool.root, self.settings.retention)
+        """Scheduled, once per cluster: purge old pixel data of finished studies."""
+        set_thread_role("scheduler")
+        with cluster_singleton(self.engine, "retention") as mine:
+            if mine:
+                purge_spool(self.sessions, self.spool.root, self.settings.retention)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the scheduler, the worker and then the listener (non-blocking)."""
+        """Register, reclaim dead incarnations' work, start jobs, worker, then the listener."""
         self.spool.root.mkdir(parents=True, exist_ok=True)
         self.results.root.mkdir(parents=True, exist_ok=True)
+        set_audit_process(self.worker_id)
         self.http = start_http_server(self, self._stopped)  # first: a bad port fails early
         for m in self.models:  # a package version the card was not validated with: warn
             warn_version_drift(m.bundle.card.name, m.bundle.card.training)
+        reclaimed = register(
+            self.sessions,
+            self.identity,
+            max_attempts=self.settings.worker.max_attempts,
+            detail={
+                "ae_title": self.settings.listener.ae_title,
+                "port": self.settings.listener.port,
+            },
+        )
+        moved = relativize_instance_paths(self.sessions, self.spool.root)
+        if reclaimed or moved:
+            log.info(
+                "start-up recovery",
+                extra={"reclaimed_studies": len(reclaimed), "paths_made_relative": moved},
+            )
+        self._audit_started()
+        if "worker" in self.roles:
+            self._record_models()
+        self._schedule_jobs()
+        self.scheduler.start()
+        if "worker" in self.roles:
+            self.worker.start()
+        if "listener" in self.roles:
+            self.listener.start()
+        self._started = True
+        threading.Thread(
+            target=self._check_destinations, name="radflag-destinations", daemon=True
+        ).start()
+        log.info(
+            "radflag started",
+            extra={
+                "ae_title": self.settings.listener.ae_title,
+                "port": self.listener.port if "listener" in self.roles else None,
+                "database": self.engine.dialect.name,
+                "worker_id": self.worker_id,
+                "roles": list(self.roles),
+            },
+        )
+
+    def _audit_started(self) -> None:
         with self.sessions.begin() as session:
             audit(
                 session,
@@ -218,6 +336,7 @@ class Radflag:
                 detail={
                     "ae_title": self.settings.listener.ae_title,
                     "port": self.settings.listener.port,
+                    "roles": list(self.roles),
                     "models": [
                         {
                             "name": m.bundle.card.name,
@@ -229,6 +348,8 @@ class Radflag:
                     "destinations": [d.name for d in self.settings.destinations],
                 },
             )
+
+    def _record_models(self) -> None:
         record_models_in_use(
             self.sessions,
             [
@@ -241,49 +362,31 @@ class Radflag:
                 for m in self.models
             ],
         )
-        comp = self.settings.completion
-        self.scheduler.add_job(
-            self.complete_studies,
-            "interval",
-            seconds=comp.check_interval_s,
-            id="complete_studies",
-            max_instances=1,
-            coalesce=True,
-        )
-        self.scheduler.add_job(
-            self.deliver,
-            "interval",
-            seconds=self.settings.delivery.check_interval_s,
-            id="deliver",
-            max_instances=1,
-            coalesce=True,
-        )
-        if self.settings.retention.enabled:
+
+    def _schedule_jobs(self) -> None:
+        def every(job: Any, seconds: float, job_id: str, **kwargs: Any) -> None:
             self.scheduler.add_job(
-                self.purge_spool,
+                job,
                 "interval",
-                seconds=self.settings.retention.check_interval_s,
-                id="retention",
+                seconds=seconds,
+                id=job_id,
                 max_instances=1,
                 coalesce=True,
+                **kwargs,
+            )
+
+        every(self.beat, self.settings.worker.heartbeat_interval_s, "heartbeat")
+        if "scheduler" in self.roles:
+            every(self.complete_studies, self.settings.completion.check_interval_s, "complete")
+        if "sender" in self.roles:
+            every(self.deliver, self.settings.delivery.check_interval_s, "deliver")
+        if "scheduler" in self.roles and self.settings.retention.enabled:
+            every(
+                self.purge_spool,
+                self.settings.retention.check_interval_s,
+                "retention",
                 next_run_time=utcnow(),
             )
-        self.scheduler.start()
-        self.worker.start()
-        self.listener.start()
-        self._started = True
-        threading.Thread(
-            target=self._check_destinations, name="radflag-destinations", daemon=True
-        ).start()
-        log.info(
-            "radflag started",
-            extra={
-                "ae_title": self.settings.listener.ae_title,
-                "port": self.listener.port,
-                "database": self.engine.dialect.name,
-                "worker_id": self.worker_id,
-            },
-        )
 
     def _check_destinations(self) -> None:
         """Warn when results would reach no one: no destination, or none answers C-ECHO."""
@@ -305,15 +408,18 @@ class Radflag:
             return
         self._stopped.set()
         if self._started:
-            self.listener.stop(grace_s=self.settings.listener.shutdown_grace_s)
+            if "listener" in self.roles:
+                self.listener.stop(grace_s=self.settings.listener.shutdown_grace_s)
             # No new job from here on (avoids APScheduler's submit-after-shutdown race).
             self.scheduler.pause()
             self.scheduler.shutdown(wait=True)
-            if not self.worker.stop(timeout_s=max(30.0, self.settings.listener.shutdown_grace_s)):
+            grace_s = max(30.0, self.settings.listener.shutdown_grace_s)
+            if "worker" in self.roles and not self.worker.stop(timeout_s=grace_s):
                 log.warning("worker still busy at shutdown; its study goes back to the queue")
         if self.http is not None:
             self.http.stop()
         released = release_own_leases(self.sessions, self.worker_id)
+        mark_stopped(self.sessions, self.identity, "graceful stop")
         with self.sessions.begin() as session:
             audit(
                 session,
@@ -323,6 +429,8 @@ class Radflag:
             )
         self.engine.dispose()
         log.info("radflag stopped", extra={"released_studies": len(released)})
+        if self._log_filter is not None:
+            remove_log_filter(self._log_filter)
 
     def run_until_signal(self) -> None:
         """Start, block until SIGTERM or SIGINT, then stop gracefully."""

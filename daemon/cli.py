@@ -7,6 +7,7 @@ failure a person must fix is one line on stderr and exit status 2, never a trace
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from daemon.app import Radflag
     from daemon.http.server import HttpServerError
 
-    app = Radflag(settings, models=models)
+    app = Radflag(settings, models=models, roles=args.roles)
     try:
         with startup_step("listener.port"):
             app.run_until_signal()
@@ -59,6 +60,48 @@ def _cmd_check(args: argparse.Namespace) -> int:
     }[status]
     print(verdict)
     return status
+
+
+def _roles(value: str) -> tuple[str, ...]:
+    from db.cluster import ROLES
+
+    roles = tuple(r.strip() for r in value.split(",") if r.strip())
+    unknown = sorted(set(roles) - set(ROLES))
+    if not roles or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown role(s) {', '.join(unknown) or '(none)'}; choose from {','.join(ROLES)}"
+        )
+    return roles
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from daemon.admin_cli import open_sessions
+    from db.cluster import list_processes
+
+    settings = _settings(args)
+    rows = list_processes(
+        open_sessions(args.config), lease_s=settings.worker.lease_s, include_stopped=args.all
+    )
+    if args.format == "json":
+        print(json.dumps([_jsonable(vars(r)) for r in rows], indent=2))
+        return 0
+    print(f"{'PROCESS':<36} {'ROLES':<32} {'STARTED (UTC)':<19} {'BEAT':>6} {'STATE':<8} HOLDS")
+    for r in rows:
+        state = "alive" if r.alive else (r.stop_reason or "silent")[:8]
+        print(
+            f"{r.id[:36]:<36} {r.roles[:32]:<32} {r.started_at:%Y-%m-%d %H:%M:%S} "
+            f"{r.heartbeat_age_s:>5.0f}s {state:<8} {len(r.studies_held)} studies"
+        )
+        for uid in r.studies_held:
+            print(f"    {uid}")
+    return 0
+
+
+def _jsonable(row: dict[str, object]) -> dict[str, object]:
+    return {
+        k: (v.isoformat() if hasattr(v, "isoformat") else list(v) if isinstance(v, tuple) else v)
+        for k, v in row.items()
+    }
 
 
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
@@ -118,7 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the DICOM listener, worker and scheduler")
+    serve.add_argument(
+        "--roles",
+        type=_roles,
+        default="listener,worker,sender,scheduler",
+        help="comma-separated roles of this process (default: all); each is safe N times",
+    )
     serve.set_defaults(func=_cmd_serve)
+
+    cluster = sub.add_parser("cluster", help="live processes: roles, heartbeats, studies they hold")
+    cluster.add_argument("--all", action="store_true", help="include stopped and dead processes")
+    cluster.add_argument(
+        "--format", choices=["table", "json"], default="table", help="output format (table)"
+    )
+    cluster.set_defaults(func=_cmd_cluster)
 
     check = sub.add_parser(
         "check",

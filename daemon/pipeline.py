@@ -460,6 +460,6 @@ class StudyProcessor:
             self._sessions,
             claim,
             f"cannot decode pixel data of {sel.header.sop_instance_uid}: {reason}",
-            quarantined={sel.instance.instance_id: str(moved)},
+            quarantined={sel.instance.instance_id: self._spool.relative(moved)},
             detail={"sop_instance_uid": sel.header.sop_instance_uid, "quarantine_path": str(moved)},
         )

@@ -59,7 +59,7 @@ class SpoolFileRemover:
         OSError
             When the file exists but cannot be removed.
         """
-        target = Path(path).resolve()
+        target = (self.root / path).resolve()  # relative to the root (absolute: legacy)
         if not target.is_relative_to(self.root) or target == self.root:
             raise OutsideSpool(f"{path} is outside the spool {self.root}; not removed")
         try:

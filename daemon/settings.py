@@ -189,9 +189,18 @@ class WorkerSettings(_Section):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(16, ge=1, le=512)
-    lease_s: float = Field(600.0, gt=0)
+    lease_s: float = Field(30.0, gt=0)
+    """A claimed study's lease, renewed every ``heartbeat_interval_s`` while it is processed;
+    a process silent for one lease is dead and its work is taken over (database clock)."""
+    heartbeat_interval_s: float = Field(5.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     poll_interval_s: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> WorkerSettings:
+        if self.heartbeat_interval_s * 2 > self.lease_s:
+            raise ValueError("heartbeat_interval_s must be at most half of lease_s")
+        return self
 
 
 class DeliveryTlsSettings(_Section):

@@ -14,6 +14,7 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon.proc import set_thread_role
 from daemon.settings import DestinationSettings, Settings
 from db.admin_actions import Target, note_study_identifiers, on_duplicate_push
 from db.ingest import NewInstance, PatientIdPolicy, record_instance
@@ -106,6 +107,9 @@ class DatabaseSink:
         Session factory.
     policy
         How patient IDs are stored (keyed hash by default).
+    spool_root
+        The spool root; paths below it are stored relative to it (hosts sharing the spool
+        may mount it at other places). None stores paths as given.
     """
 
     def __init__(
@@ -114,12 +118,19 @@ class DatabaseSink:
         policy: PatientIdPolicy,
         *,
         on_duplicate: Callable[[ReceivedInstance], None] | None = None,
+        spool_root: Path | None = None,
     ) -> None:
         self._sessions = sessions
         self._policy = policy
         self._on_duplicate = on_duplicate
         self._noted: OrderedDict[str, None] = OrderedDict()
         self._noted_lock = threading.Lock()
+        self._root = spool_root.resolve() if spool_root is not None else None
+
+    def _stored_path(self, path: Path) -> str:
+        if self._root is not None and path.resolve().is_relative_to(self._root):
+            return path.resolve().relative_to(self._root).as_posix()
+        return str(path)
 
     def store(self, instance: ReceivedInstance) -> bool:
         """Commit the instance row; True for a new instance, False for a duplicate.
@@ -129,6 +140,7 @@ class DatabaseSink:
         SinkUnavailable
             When the database cannot commit (the listener answers 0xA700, PS3.4 B.2.3).
         """
+        set_thread_role("listener")  # called in pynetdicom's association threads
         item = NewInstance(
             sop_instance_uid=instance.sop_instance_uid,
             sop_class_uid=instance.sop_class_uid,
@@ -138,10 +150,11 @@ class DatabaseSink:
             patient_id=instance.patient_id,
             calling_ae=instance.calling_ae,
             peer_host=instance.peer_host,
-            path=str(instance.path),
+            path=self._stored_path(instance.path),
             size_bytes=instance.size_bytes,
             transfer_syntax_uid=instance.transfer_syntax_uid,
             reopens_study=not is_never_classified(instance.sop_class_uid),
+            differs_from_spooled=instance.differs_from_spooled,
         )
         try:
             is_new = record_instance(self._sessions, item, self._policy)

@@ -48,6 +48,27 @@ class AuditEventType(enum.StrEnum):
     """An operator or a duplicate push queued a study's existing result objects again."""
     INSTANCES_PURGED = "INSTANCES_PURGED"
     """Retention removed spooled pixel data of a finished study (``instances.purged_at``)."""
+    INSTANCE_DUPLICATE_KEPT_ASIDE = "INSTANCE_DUPLICATE_KEPT_ASIDE"
+    """A known SOP instance arrived again with other content: the original stays, the new copy
+    is kept aside (``detail.kept_aside``) for review."""
+    PROCESS_STARTED = "PROCESS_STARTED"
+    PROCESS_DEAD = "PROCESS_DEAD"
+    """A process stopped heartbeating (or its pid is gone): its work went back to the queue."""
+    LEASE_RECLAIMED = "LEASE_RECLAIMED"
+    """A study leased by a dead process went back to the queue at once (not after expiry)."""
+
+
+_process_id: str | None = None
+
+
+def set_audit_process(process_id: str | None) -> None:
+    """Name the process (``host:pid:nonce``) that every later audit row of this process is from.
+
+    Set once by ``radflag serve`` at start-up (:class:`daemon.app.Radflag`); command-line tools
+    leave it unset (NULL ``process_id``).
+    """
+    global _process_id
+    _process_id = process_id
 
 
 def audit(
@@ -89,6 +110,7 @@ def audit(
         or (study.study_instance_uid if study is not None else None),
         sop_instance_uid=sop_instance_uid,
         detail=detail or {},
+        process_id=_process_id,
     )
     if study is not None and study.id is None:
         row.study = study

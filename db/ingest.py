@@ -1,4 +1,12 @@
-"""Recording received instances: one transaction per instance, before the C-STORE is answered."""
+"""Recording received instances: one transaction per instance, before the C-STORE is answered.
+
+The study row is locked (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE``
+serialises writers) before its state is read, and the state changes only through the
+transition table (:mod:`db.states`): an instance that arrives while a worker claims the study
+either waits for the claim to commit and then re-opens the study (``STUDY_REOPENED``; the
+worker's run is superseded), or is committed first so the claim includes it. It is never left
+out of a study that ends DONE. Paths are stored relative to the spool root.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +20,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.audit import AuditEventType, audit
-from db.models import Instance, Study, utcnow
+from db.clock import db_now
+from db.models import Instance, Study
+from db.queue import transition
 from db.states import StudyEvent, StudyState, next_state
 
 
@@ -34,6 +44,10 @@ class NewInstance:
     reopens_study: bool = True
     """False for objects no model reads (SR, SC, presentation states: the loop guard): they
     are stored and audited, but a finished study is not re-opened for them."""
+    differs_from_spooled: bool = False
+    """The spool already held a file for this SOP instance with other bytes; ``path`` is where
+    this copy was kept aside. A duplicate of a known instance is then audited as
+    ``INSTANCE_DUPLICATE_KEPT_ASIDE`` (the original stays); a new instance uses ``path``."""
 
 
 @dataclass(frozen=True)
@@ -74,18 +88,17 @@ def record_instance(
     policy
         How to store the patient identifier.
     now
-        The receive time (UTC now by default).
+        The receive time (the database's clock by default).
 
     Returns
     -------
     bool
         True for a new instance, False for a duplicate.
     """
-    when = now or utcnow()
     for attempt in range(3):
         try:
             with sessions.begin() as session:
-                return _record(session, item, policy, when)
+                return _record(session, item, policy, now or db_now(session))
         except IntegrityError:
             # Two associations raced on the same new study or instance: retry once the winner
             # has committed; the second pass sees its rows.
@@ -100,19 +113,11 @@ def _record(session: Session, item: NewInstance, policy: PatientIdPolicy, when: 
         select(Instance).where(Instance.sop_instance_uid == item.sop_instance_uid)
     ).first()
     if existing is not None:
-        existing.duplicate_count += 1
-        audit(
-            session,
-            AuditEventType.INSTANCE_DUPLICATE,
-            actor=actor,
-            study_instance_uid=item.study_instance_uid,
-            sop_instance_uid=item.sop_instance_uid,
-            detail={"duplicate_count": existing.duplicate_count},
-        )
+        _record_duplicate(session, existing, item, actor, when)
         return False
 
     study = session.scalars(
-        select(Study).where(Study.study_instance_uid == item.study_instance_uid)
+        select(Study).where(Study.study_instance_uid == item.study_instance_uid).with_for_update()
     ).first()
     if study is None:
         study = Study(
@@ -130,22 +135,7 @@ def _record(session: Session, item: NewInstance, policy: PatientIdPolicy, when: 
     elif item.reopens_study or study.state == StudyState.RECEIVING.value:
         # (An object no model reads — e.g. our own SR/SC routed back by the PACS — is stored
         # but leaves a study that is already past RECEIVING where it is: the loop guard.)
-        previous = StudyState(study.state)
-        study.state = next_state(previous, StudyEvent.INSTANCE_RECEIVED).value
-        study.last_received_at = when
-        study.updated_at = when
-        if previous is not StudyState.RECEIVING:
-            study.lease_owner = None
-            study.lease_expires_at = None
-            study.ready_at = None
-            audit(
-                session,
-                AuditEventType.STUDY_REOPENED,
-                actor=actor,
-                study=study,
-                at=when,
-                detail={"from_state": previous.value},
-            )
+        _receive_into(session, study, actor, when)
     session.add(
         Instance(
             study_id=study.id,
@@ -178,3 +168,46 @@ def _record(session: Session, item: NewInstance, policy: PatientIdPolicy, when: 
         },
     )
     return True
+
+
+def _receive_into(session: Session, study: Study, actor: str, when: datetime) -> None:
+    """Apply ``INSTANCE_RECEIVED`` to the locked ``study`` (re-opening it when past RECEIVING)."""
+    study.last_received_at = when
+    if study.state == StudyState.RECEIVING.value:
+        study.state = next_state(StudyState.RECEIVING, StudyEvent.INSTANCE_RECEIVED).value
+        study.updated_at = when
+        return
+    holder = study.lease_owner
+    study.lease_owner = None
+    study.lease_expires_at = None
+    study.ready_at = None
+    transition(
+        session,
+        study,
+        StudyEvent.INSTANCE_RECEIVED,
+        audit_type=AuditEventType.STUDY_REOPENED,
+        actor=actor,
+        now=when,
+        detail={"lease_owner": holder} if holder else None,
+    )
+
+
+def _record_duplicate(
+    session: Session, existing: Instance, item: NewInstance, actor: str, when: datetime
+) -> None:
+    """Count a known SOP instance received again; the stored original is never replaced."""
+    existing.duplicate_count += 1
+    detail: dict[str, object] = {"duplicate_count": existing.duplicate_count}
+    event = AuditEventType.INSTANCE_DUPLICATE
+    if item.differs_from_spooled:
+        event = AuditEventType.INSTANCE_DUPLICATE_KEPT_ASIDE
+        detail.update(kept_aside=item.path, size_bytes=item.size_bytes, original=existing.path)
+    audit(
+        session,
+        event,
+        actor=actor,
+        study_instance_uid=item.study_instance_uid,
+        sop_instance_uid=item.sop_instance_uid,
+        at=when,
+        detail=detail,
+    )

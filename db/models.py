@@ -75,9 +75,9 @@ class Study(Base):
     patient_key: Mapped[str | None] = mapped_column(String(128), index=True)
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     accession_number: Mapped[str | None] = mapped_column(String(16), index=True)
-    """Accession Number (0008,0050) of the first instance that carried one (migration 0014)."""
+    """Accession Number (0008,0050) of the first instance that carried one (migration 0004)."""
     study_date: Mapped[str | None] = mapped_column(String(8))
-    """Study Date (0008,0020), ``YYYYMMDD`` as received (migration 0014)."""
+    """Study Date (0008,0020), ``YYYYMMDD`` as received (migration 0004)."""
     first_received_at: Mapped[datetime]
     last_received_at: Mapped[datetime]
     ready_at: Mapped[datetime | None]
@@ -202,6 +202,8 @@ class AuditEvent(Base):
     study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
     sop_instance_uid: Mapped[str | None] = mapped_column(UID)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+    process_id: Mapped[str | None] = mapped_column(String(128))
+    """The radflag process that wrote the row (:class:`Process`, migration 0003)."""
 
     study: Mapped[Study | None] = relationship()
 
@@ -226,3 +228,26 @@ class ModelRecord(Base):
     __table_args__ = (
         UniqueConstraint("name", "version", "weights_sha256", name="uq_models_identity"),
     )
+
+
+class Process(Base):
+    """A ``radflag serve`` process of the cluster, alive or dead (migration 0003).
+
+    ``heartbeat_at`` is renewed by the database clock every few seconds; a process whose
+    heartbeat is older than one lease is dead and its work is reclaimed (:mod:`db.cluster`).
+    """
+
+    __tablename__ = "processes"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255), index=True)
+    pid: Mapped[int] = mapped_column(Integer)
+    roles: Mapped[str] = mapped_column(String(128))
+    """Comma-separated roles: ``listener,worker,sender,scheduler``."""
+    identity: Mapped[str] = mapped_column(String(64))
+    """Stable per host and configuration: a restart finds its own previous incarnations."""
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]
+    stopped_at: Mapped[datetime | None]
+    stop_reason: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -1,9 +1,14 @@
 """The study work queue: completion by quiet period, claims with leases, and outcomes.
 
 A worker claims a READY study with a lease (``SELECT … FOR UPDATE SKIP LOCKED`` on PostgreSQL;
-SQLite transactions start with ``BEGIN IMMEDIATE`` so claims are serialised). Every outcome
-checks that the worker still holds the lease: a late instance re-opens the study and the
-result of the stale run is discarded (``RESULT_SUPERSEDED``), never written over newer state.
+SQLite transactions start with ``BEGIN IMMEDIATE`` so claims are serialised). Leases are short
+(``worker.lease_s``, 30 s) and renewed by a heartbeat while the work is in progress
+(:func:`renew_lease`); every expiry is computed by the *database's* clock (:func:`db.clock.db_now`)
+so hosts whose clocks drift agree on it. A study held by a dead process goes back to the queue
+at once when the death is known (:func:`release_studies_of`, called by :mod:`db.cluster`) and
+otherwise when its lease expires. Every outcome checks that the worker still holds the lease: a
+late instance re-opens the study and the result of the stale run is discarded
+(``RESULT_SUPERSEDED``), never written over newer state.
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.audit import AuditEventType, audit
+from db.clock import db_now
 from db.models import Instance, Study, utcnow
 from db.states import StudyEvent, StudyState, next_state
 
@@ -90,10 +96,10 @@ def mark_ready(
     list of str
         Study Instance UIDs that became ready.
     """
-    when = now or utcnow()
-    cutoff = when - timedelta(seconds=quiet_period_s)
     ready: list[str] = []
     with sessions.begin() as session:
+        when = now or db_now(session)
+        cutoff = when - timedelta(seconds=quiet_period_s)
         studies = session.scalars(
             select(Study)
             .where(Study.state == StudyState.RECEIVING.value, Study.last_received_at <= cutoff)
@@ -122,9 +128,13 @@ def claim_next(
     *,
     now: datetime | None = None,
 ) -> ClaimedStudy | None:
-    """Claim the oldest READY study for ``worker_id`` with a lease of ``lease_s`` seconds."""
-    when = now or utcnow()
+    """Claim the oldest READY study for ``worker_id`` with a lease of ``lease_s`` seconds.
+
+    The lease expires ``lease_s`` after the database's current time; :func:`renew_lease`
+    extends it while the work is in progress.
+    """
     with sessions.begin() as session:
+        when = now or db_now(session)
         study = session.scalars(
             select(Study)
             .where(Study.state == StudyState.READY.value)
@@ -290,49 +300,128 @@ def retry_later(
         )
 
 
-def expire_leases(
-    sessions: sessionmaker[Session], *, max_attempts: int, now: datetime | None = None
-) -> list[str]:
-    """Return studies whose lease expired to READY (or FAILED after ``max_attempts``).
+def renew_lease(sessions: sessionmaker[Session], claim: ClaimedStudy, lease_s: float) -> bool:
+    """Extend the lease on ``claim`` to ``lease_s`` after the database's now (the heartbeat).
 
-    A worker that died or hung loses its study this way; a restart of the daemon resumes it.
+    Returns
+    -------
+    bool
+        False when the lease is no longer ours (late instance, expiry, reclaimed): the work in
+        progress will be discarded by :func:`load_leased`, so the heartbeat can stop.
     """
-    when = now or utcnow()
+    with sessions.begin() as session:
+        expires = db_now(session) + timedelta(seconds=lease_s)
+        result = session.execute(
+            update(Study)
+            .where(
+                Study.id == claim.study_id,
+                Study.state == StudyState.PROCESSING.value,
+                Study.lease_owner == claim.lease_owner,
+            )
+            .values(lease_expires_at=expires)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(getattr(result, "rowcount", 0))
+
+
+def _give_back(
+    session: Session,
+    study: Study,
+    *,
+    max_attempts: int,
+    now: datetime,
+    actor: str,
+    audit_type: AuditEventType,
+    reason: str,
+) -> None:
+    """Return a PROCESSING study whose holder is gone to READY, or FAILED after too many tries."""
+    owner = study.lease_owner
+    release_lease(study)
+    if study.processing_attempts >= max_attempts:
+        study.failure_reason = f"{reason} {study.processing_attempts} times; giving up"
+        study.finished_at = now
+        transition(
+            session,
+            study,
+            StudyEvent.PROCESSING_FAILED,
+            audit_type=AuditEventType.STUDY_FAILED,
+            actor=actor,
+            now=now,
+            detail={"reason": study.failure_reason, "lease_owner": owner},
+        )
+        return
+    study.ready_at = now
+    transition(
+        session,
+        study,
+        StudyEvent.LEASE_EXPIRED,
+        audit_type=audit_type,
+        actor=actor,
+        now=now,
+        detail={"lease_owner": owner, "attempt": study.processing_attempts, "reason": reason},
+    )
+
+
+def expire_leases(
+    sessions: sessionmaker[Session],
+    *,
+    max_attempts: int,
+    now: datetime | None = None,
+    actor: str = "scheduler",
+) -> list[str]:
+    """Return studies whose lease expired (database clock) to READY, or FAILED after retries.
+
+    A worker that died or hung without being noticed by the process registry loses its study
+    this way, within one lease.
+    """
     expired: list[str] = []
     with sessions.begin() as session:
+        when = now or db_now(session)
         studies = session.scalars(
             select(Study)
             .where(Study.state == StudyState.PROCESSING.value, Study.lease_expires_at < when)
             .with_for_update(skip_locked=True)
         ).all()
         for study in studies:
-            owner = study.lease_owner
-            release_lease(study)
-            if study.processing_attempts >= max_attempts:
-                study.failure_reason = f"lease expired {study.processing_attempts} times; giving up"
-                study.finished_at = when
-                transition(
-                    session,
-                    study,
-                    StudyEvent.PROCESSING_FAILED,
-                    audit_type=AuditEventType.STUDY_FAILED,
-                    actor="scheduler",
-                    now=when,
-                    detail={"reason": study.failure_reason, "lease_owner": owner},
-                )
-            else:
-                study.ready_at = when
-                transition(
-                    session,
-                    study,
-                    StudyEvent.LEASE_EXPIRED,
-                    audit_type=AuditEventType.LEASE_EXPIRED,
-                    actor="scheduler",
-                    now=when,
-                    detail={"lease_owner": owner, "attempt": study.processing_attempts},
-                )
+            _give_back(
+                session,
+                study,
+                max_attempts=max_attempts,
+                now=when,
+                actor=actor,
+                audit_type=AuditEventType.LEASE_EXPIRED,
+                reason="lease expired",
+            )
             expired.append(study.study_instance_uid)
     return expired
+
+
+def release_studies_of(
+    session: Session, owner: str, *, max_attempts: int, now: datetime, actor: str
+) -> list[str]:
+    """In the caller's transaction: give back every study leased by the dead process ``owner``.
+
+    Returns
+    -------
+    list of str
+        Study Instance UIDs given back (``LEASE_RECLAIMED``) or failed after ``max_attempts``.
+    """
+    studies = session.scalars(
+        select(Study)
+        .where(Study.state == StudyState.PROCESSING.value, Study.lease_owner == owner)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for study in studies:
+        _give_back(
+            session,
+            study,
+            max_attempts=max_attempts,
+            now=now,
+            actor=actor,
+            audit_type=AuditEventType.LEASE_RECLAIMED,
+            reason="holder process died",
+        )
+    return [s.study_instance_uid for s in studies]
 
 
 def release_own_leases(sessions: sessionmaker[Session], worker_id: str) -> list[str]:

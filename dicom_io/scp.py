@@ -11,11 +11,12 @@ C-STORE handling, in order (:func:`handle_store`):
 2. validate Study/Series/SOP Instance UIDs (PS3.5 9.1 syntax), SOP Instance UID equal to
    the command's Affected SOP Instance UID and SOP Class UID equal to the presentation
    context's abstract syntax (failure: ``0xA900`` data set does not match SOP class);
-3. write the received bytes as a PS3.10 file, in the received transfer syntax, through the
+3. place the received bytes as a PS3.10 file, in the received transfer syntax, through the
    spool (any write error, ``ENOSPC`` included: ``0xA700`` out of resources; nothing
-   half-written is left);
-4. ``sink.store(...)``; if it raises, the newly written file is removed (only when it did not
-   exist before: a duplicate never loses the original) and the answer is ``0xA700``;
+   half-written is left). A file already spooled for the SOP instance is never replaced:
+   identical bytes are dropped, other bytes are kept aside (:meth:`Spool.place_encoded`);
+4. ``sink.store(...)``; if it raises, the file this request created is removed (the original
+   of a duplicate is never touched) and the answer is ``0xA700``;
 5. ``0x0000``.
 
 Before step 3 the free space of the spool's file system is checked: below
@@ -168,6 +169,8 @@ class ReceivedInstance:
     path: Path
     size_bytes: int
     transfer_syntax_uid: str
+    differs_from_spooled: bool = False
+    """The spool held other bytes under this SOP instance's name: ``path`` is a kept-aside copy."""
 
 
 class InstanceSink(Protocol):
@@ -336,19 +339,17 @@ def _handle_store(
     file_meta = event.file_meta
     file_meta.SourceApplicationEntityTitle = calling_ae or "UNKNOWN"
     with ctx.locks.for_key(sop_uid):
-        existed_before = path.exists()
         try:
             if isinstance(raw, BytesIO):
                 with raw.getbuffer() as buffer:
-                    size = ctx.spool.write_encoded(file_meta, buffer, path)
+                    placed = ctx.spool.place_encoded(file_meta, buffer, path)
             else:  # chunked receive mode or unusual primitive: re-encode the decoded data set
-                size = ctx.spool.write(ds, file_meta, path)
+                placed = ctx.spool.place(ds, file_meta, path)
         except SpoolError as exc:
-            _remove_if_new(path, existed_before)
             reason = "out of disk space" if exc.out_of_space else "spool write failed"
             logger.error("spool write failed: %s", exc, extra=detail)
             return fail(statuses.OUT_OF_RESOURCES, reason)
-
+        size = placed.size
         instance = ReceivedInstance(
             sop_instance_uid=sop_uid,
             sop_class_uid=sop_class,
@@ -358,18 +359,19 @@ def _handle_store(
             patient_id=patient_id,
             calling_ae=calling_ae,
             peer_host=detail["peer_host"],
-            path=path,
+            path=placed.path,
             size_bytes=size,
             transfer_syntax_uid=transfer_syntax,
+            differs_from_spooled=placed.kept_aside,
         )
         try:
             is_new = ctx.sink.store(instance)
         except SinkUnavailable as exc:
-            _remove_if_new(path, existed_before)
+            _remove_if_new(placed.path, not placed.created)
             logger.error("instance sink unavailable: %s", exc, extra=detail)
             return fail(statuses.OUT_OF_RESOURCES, "cannot record instance, retry later")
         except Exception:
-            _remove_if_new(path, existed_before)
+            _remove_if_new(placed.path, not placed.created)
             logger.exception("instance sink failed", extra=detail)
             return fail(statuses.OUT_OF_RESOURCES, "cannot record instance, retry later")
 

@@ -8,18 +8,29 @@ Every write is atomic and durable ("ack means durable"): the content goes to a t
 in the destination directory, is flushed and ``fsync``-ed, renamed over the final name with
 ``os.replace`` and the directory is ``fsync``-ed. A reader therefore sees either the old file,
 the new file or nothing, never a half-written file.
+
+Received instances are *placed* (:meth:`Spool.place_encoded`), never written over: the final
+name is created with ``link(2)``, which fails when the name exists — atomically, also between
+processes and hosts sharing the spool. A copy whose name is taken by identical bytes is
+dropped; one with *other* bytes goes to ``root/duplicates/`` (kept aside for review), so an
+acknowledged original is never replaced by a later copy, refused or not.
+
+The database stores paths relative to the root (:meth:`Spool.relative`,
+:meth:`Spool.resolve`), so hosts that mount the shared spool at other places agree on them.
 """
 
 from __future__ import annotations
 
 import copy
 import errno
+import filecmp
 import logging
 import os
 import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -34,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 QUARANTINE_DIR = "quarantine"
 """Name of the quarantine folder below the spool root (never a valid UID)."""
+
+DUPLICATES_DIR = "duplicates"
+"""Folder below the spool root for copies of known instances with other bytes (never a UID)."""
 
 TEMP_SUFFIX = ".tmp"
 """Suffix of in-flight temporary files (hidden: they also start with a dot)."""
@@ -68,6 +82,19 @@ def _is_out_of_space(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+@dataclass(frozen=True)
+class Placed:
+    """Where :meth:`Spool.place_encoded` put the bytes of one received instance."""
+
+    path: Path
+    """The final name, or the kept-aside copy in ``duplicates/`` when ``kept_aside``."""
+    size: int
+    created: bool
+    """True when a new file was created (remove it if the instance is then not committed)."""
+    kept_aside: bool
+    """The final name held other bytes: this copy is in ``duplicates/``, the original stays."""
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -88,6 +115,22 @@ class Spool:
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def duplicates_dir(self) -> Path:
+        """Folder holding copies of known instances that arrived with other bytes."""
+        return self.root / DUPLICATES_DIR
+
+    def relative(self, path: Path | str) -> str:
+        """Return ``path`` as stored in the database: relative to the root when inside it."""
+        resolved = Path(path).resolve()
+        if resolved.is_relative_to(self.root):
+            return resolved.relative_to(self.root).as_posix()
+        return str(resolved)
+
+    def resolve(self, stored: str) -> Path:
+        """Return the file path of a database path (relative to the root, or legacy absolute)."""
+        return self.root / stored
 
     @property
     def quarantine_dir(self) -> Path:
@@ -193,6 +236,72 @@ class Spool:
             fh.write(encoded_dataset)
 
         return self._atomic_write(path, _encode)
+
+    def place_encoded(
+        self, file_meta: FileMetaDataset, encoded_dataset: bytes | memoryview, path: Path
+    ) -> Placed:
+        """Like :meth:`write_encoded`, but never replace an existing file at ``path``.
+
+        Returns
+        -------
+        Placed
+            ``path`` itself when the name was free (created) or held identical bytes (nothing
+            written); a new file in ``duplicates/`` when it held other bytes (kept aside).
+
+        Raises
+        ------
+        SpoolError
+            On any encoding or I/O error; nothing is left behind.
+        """
+
+        def _encode(fh: BinaryIO) -> None:
+            fh.write(_PREAMBLE)
+            write_file_meta_info(DicomFileLike(fh), file_meta, enforce_standard=True)
+            fh.write(encoded_dataset)
+
+        return self._place(path, _encode)
+
+    def place(self, ds: Dataset, file_meta: FileMetaDataset, path: Path) -> Placed:
+        """Like :meth:`write`, but never replace an existing file (see :meth:`place_encoded`)."""
+        to_write = copy.copy(ds)
+        to_write.file_meta = file_meta
+
+        def _encode(fh: BinaryIO) -> None:
+            dcmwrite(fh, to_write, enforce_file_format=True)
+
+        return self._place(path, _encode)
+
+    def _place(self, path: Path, encode: Callable[[BinaryIO], None]) -> Placed:
+        target = self._check_inside_root(path)
+        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+        size = self._atomic_write(tmp, encode)
+        try:
+            try:
+                os.link(tmp, target)  # fails atomically when the name exists
+            except FileExistsError:
+                return self._settle_collision(tmp, target, size)
+            _fsync_dir(target.parent)
+            return Placed(path=target, size=size, created=True, kept_aside=False)
+        except OSError as exc:
+            raise SpoolError(
+                f"cannot place {target}: {exc}", path=target, out_of_space=_is_out_of_space(exc)
+            ) from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _settle_collision(self, tmp: Path, target: Path, size: int) -> Placed:
+        if filecmp.cmp(tmp, target, shallow=False):
+            return Placed(path=target, size=size, created=False, kept_aside=False)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        aside = self.duplicates_dir / f"{stamp}_{uuid.uuid4().hex[:8]}_{target.name}"
+        self._make_dirs(self.duplicates_dir)
+        os.link(tmp, aside)
+        _fsync_dir(self.duplicates_dir)
+        logger.warning(
+            "a known instance arrived with other bytes; kept aside",
+            extra={"kept_aside": str(aside)},
+        )
+        return Placed(path=aside, size=size, created=True, kept_aside=True)
 
     def quarantine(self, path: Path, reason: str) -> Path:
         """Move ``path`` into ``root/quarantine/`` and record ``reason`` next to it.

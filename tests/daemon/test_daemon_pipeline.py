@@ -89,7 +89,8 @@ def test_study_classified_and_sr_delivered(tmp_path: Path, pacs: PacsStandIn, st
         assert result.device == "cpu"
         assert {"decode", "inference", "sr", "total"} <= set(result.timings_ms)
         for inst in s.scalars(select(Instance)).all():
-            assert Path(inst.path).is_file()
+            assert not Path(inst.path).is_absolute()  # relative to the spool root
+            assert app.spool.resolve(inst.path).is_file()
     events = [e.event_type for e in audit_trail(app.sessions, study_uid)]
     assert events == TRAIL_TWO_IMAGES_SR_AND_SC
 
@@ -107,8 +108,8 @@ def test_undecodable_pixels_quarantined_and_study_failed(
         assert "cannot decode pixel data" in (study.failure_reason or "")
         inst = s.scalars(select(Instance)).one()
         assert inst.quarantined
-        assert Path(inst.path).parent == tmp_path / "spool" / "quarantine"
-        assert Path(inst.path).is_file()
+        assert app.spool.resolve(inst.path).parent == tmp_path / "spool" / "quarantine"
+        assert app.spool.resolve(inst.path).is_file()
         assert s.scalars(select(Delivery)).all() == []
     events = [e.event_type for e in audit_trail(app.sessions, study_uid)]
     assert events[-2:] == ["INSTANCE_QUARANTINED", "STUDY_FAILED"]

@@ -119,7 +119,7 @@ def test_full_run_audit_trail_admin_commands_and_retention(
         assert study.state == "DONE"
         assert study.patient_key not in (None, "PID-0001") and len(study.patient_key or "") == 64
         for inst in s.scalars(select(Instance)).all():
-            assert inst.purged_at is not None and not Path(inst.path).exists()
+            assert inst.purged_at is not None and not app.spool.resolve(inst.path).exists()
         assert s.scalars(select(Result)).one().sr_sop_instance_uid == sr.SOPInstanceUID
         (model,) = s.scalars(select(ModelRecord)).all()
         assert (model.name, model.version, model.weights_sha256) == (

@@ -179,8 +179,8 @@ def test_every_zoo_and_chest_file_gets_its_outcome(tmp_path: Path, start_app: An
             assert [r.images for r in results if sop_uid in r.images], f.name
         elif outcome == QUARANTINED:
             assert states[study_uid] == "FAILED", f.name
-            assert inst.quarantined and Path(inst.path).is_file()
-            assert Path(inst.path).parent == app.spool.quarantine_dir
+            assert inst.quarantined and app.spool.resolve(inst.path).is_file()
+            assert app.spool.resolve(inst.path).parent == app.spool.quarantine_dir
             failed = [e for e in trail if e.event_type == "STUDY_FAILED"]
             assert reason is not None and reason in str(failed[-1].detail), f.name
             assert "J2K" in str(failed[-1].detail) or "decode" in str(failed[-1].detail)
@@ -197,7 +197,7 @@ def test_every_zoo_and_chest_file_gets_its_outcome(tmp_path: Path, start_app: An
         sop_uid = str(headers[f].SOPInstanceUID)
         if sop_uid not in instances or instances[sop_uid].quarantined:
             continue
-        stored = Path(instances[sop_uid].path)
+        stored = app.spool.resolve(instances[sop_uid].path)
         stored_syntax = dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID
         assert _same_encoding(stored_syntax, headers[f].file_meta.TransferSyntaxUID), f.name
         decoded = read_image(stored)

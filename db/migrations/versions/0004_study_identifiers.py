@@ -1,7 +1,7 @@
 """studies: accession number and study date, indexes for finding a study by them
 
-Revision ID: 0014
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-11-29 23:40:00.000000
 
 ``radflag studies`` and the dashboard show the Accession Number (0008,0050) and Study Date
@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0014"
-down_revision: str | None = "0002"
+revision: str = "0004"
+down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
