@@ -222,7 +222,7 @@ def record_classification(
 
 
 def _already_sent(session: Session, study_id: int, out: OutputRecord) -> bool:
-    """True when this very object (same SOP Instance UID) already reached ``out.destination``.
+    """Return True when this object (same SOP Instance UID) already reached its destination.
 
     Content-derived UIDs make an unchanged result the same object: it is sent at most once
     per destination per revision.

@@ -136,7 +136,7 @@ class ObjectRef:
 
 
 def hierarchical_references(refs: Iterable[ObjectRef]) -> list[Dataset]:
-    """Return Hierarchical SOP Instance Reference Macro items (PS3.3 Table C.17-3), one per study."""
+    """Return Hierarchical SOP Instance Reference items (PS3.3 Table C.17-3), one per study."""
     studies: dict[str, dict[str, list[ObjectRef]]] = {}
     for ref in refs:
         studies.setdefault(ref.study_instance_uid, {}).setdefault(
@@ -224,7 +224,7 @@ def add_algorithm_equipment(
 
 
 def set_revision_number(ds: Dataset, revision: int) -> None:
-    """Number the object within its (revision-stable) series: Instance Number = revision."""
+    """Set Instance Number = revision (the series is the same for every revision)."""
     if revision < 1:
         raise ValueError(f"revision must be >= 1, got {revision}")
     ds.InstanceNumber = revision

@@ -17,7 +17,6 @@ from pydicom.dataset import Dataset
 
 from dicom_io.kos import KOS_SOP_CLASS, build_rejection_note, rejected_instances
 from dicom_io.revisions import (
-    ModelIdentity,
     ObjectRef,
     ResultContent,
     add_algorithm_equipment,
@@ -38,7 +37,12 @@ STUDY = "1.2.826.0.1.3680043.8.498.1"
 def _content(sources: list[str], probability: float = 0.8731) -> ResultContent:
     return ResultContent(
         frozenset(sources),
-        {"finding": "SCT:233604007", "probability": probability, "present": True, "threshold": 0.42},
+        {
+            "finding": "SCT:233604007",
+            "probability": probability,
+            "present": True,
+            "threshold": 0.42,
+        },
     )
 
 
@@ -124,7 +128,9 @@ def test_revised_sr_passes_pixelmed_and_dciodvfy(tmp_path: Path, variant: str) -
     if variant == "comprehensive":
         converted = as_comprehensive_sr(second)
         (ref,) = predecessor_of(converted)
-        assert ref.sop_instance_uid == comprehensive_sr_uid(predecessor_of(second)[0].sop_instance_uid)
+        assert ref.sop_instance_uid == comprehensive_sr_uid(
+            predecessor_of(second)[0].sop_instance_uid
+        )
         path = tmp_path / "comprehensive.dcm"
         converted.save_as(path, enforce_file_format=True)
     output = pixelmed_sr_validator(path)
