@@ -243,6 +243,17 @@ def _already_sent(session: Session, study_id: int, out: OutputRecord) -> bool:
 
 
 @dataclass(frozen=True)
+class SentObject:
+    """A result object that reached a destination: what, where from, to which AE."""
+
+    kind: str
+    payload_path: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
 class PriorRevision:
     """The current (latest, not superseded) result of one model on a study."""
 
@@ -252,8 +263,9 @@ class PriorRevision:
     sr_series_instance_uid: str | None
     sr_sop_instance_uid: str | None
     predecessor_sop_instance_uid: str | None
-    sent: dict[str, list[tuple[str, str]]]
-    """Per destination, ``(kind, payload_path)`` of the objects it received (SENT)."""
+    predecessor_series_instance_uid: str | None
+    sent: dict[str, list[SentObject]]
+    """Per destination, the objects of this revision it received (SENT)."""
 
 
 def prior_revision(
@@ -269,13 +281,24 @@ def prior_revision(
         ).first()
         if row is None:
             return None
-        sent: dict[str, list[tuple[str, str]]] = {}
+        sent: dict[str, list[SentObject]] = {}
         for d in session.scalars(
             select(Delivery)
             .where(Delivery.result_id == row.id, Delivery.state == DeliveryState.SENT.value)
             .order_by(Delivery.id)
         ):
-            sent.setdefault(d.destination, []).append((d.kind, d.payload_path))
+            sent.setdefault(d.destination, []).append(
+                SentObject(d.kind, d.payload_path, d.ae_title, d.host, d.port)
+            )
+        predecessor_series = (
+            None
+            if row.predecessor_sop_instance_uid is None
+            else session.scalar(
+                select(Result.sr_series_instance_uid)
+                .where(Result.sr_sop_instance_uid == row.predecessor_sop_instance_uid)
+                .limit(1)
+            )
+        )
         return PriorRevision(
             result_id=row.id,
             revision=row.revision,
@@ -283,6 +306,7 @@ def prior_revision(
             sr_series_instance_uid=row.sr_series_instance_uid,
             sr_sop_instance_uid=row.sr_sop_instance_uid,
             predecessor_sop_instance_uid=row.predecessor_sop_instance_uid,
+            predecessor_series_instance_uid=predecessor_series,
             sent=sent,
         )
 
