@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.delivery import deliver_due
+from daemon.delivery import Sender
 from daemon.http.server import HttpServer, start_http_server
 from daemon.metrics import (
     CountingSink,
@@ -140,6 +140,9 @@ class Radflag:
         tls_names = [d.name for d in settings.destinations if d.tls]
         client_tls = settings.delivery.tls.to_client_tls().context() if tls_names else None
         self._delivery_tls = {name: client_tls for name in tls_names if client_tls is not None}
+        self.sender = Sender(
+            self.sessions, settings.delivery, self.results, self.worker_id, self._delivery_tls
+        )
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._stopped = threading.Event()
         self._started = False
@@ -183,10 +186,7 @@ class Radflag:
 
     def deliver(self) -> None:
         """Scheduled: send due outbox entries."""
-        counts = deliver_due(
-            self.sessions, self.settings.delivery, self.results, self._delivery_tls
-        )
-        observe_delivery_round(self.metrics, counts)
+        observe_delivery_round(self.metrics, self.sender.run_round())
 
     def purge_spool(self) -> None:
         """Scheduled: purge old pixel data of finished studies (``[retention]``)."""
@@ -287,6 +287,8 @@ class Radflag:
             self.scheduler.shutdown(wait=True)
             if not self.worker.stop(timeout_s=max(30.0, self.settings.listener.shutdown_grace_s)):
                 log.warning("worker still busy at shutdown; its study goes back to the queue")
+            if not self.sender.stop(timeout_s=self.settings.delivery.timeout_s + 5):
+                log.warning("a delivery still in flight at shutdown; its claim lapses")
         if self.http is not None:
             self.http.stop()
         released = release_own_leases(self.sessions, self.worker_id)

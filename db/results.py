@@ -95,8 +95,16 @@ def record_classification(
             )
         session.execute(
             update(Delivery)
-            .where(Delivery.study_id == study.id, Delivery.state == DeliveryState.PENDING.value)
-            .values(state=DeliveryState.CANCELLED.value, last_error="superseded by a newer result")
+            .where(
+                Delivery.study_id == study.id,
+                Delivery.state.in_([DeliveryState.PENDING.value, DeliveryState.SENDING.value]),
+            )
+            .values(
+                state=DeliveryState.CANCELLED.value,
+                last_error="superseded by a newer result",
+                lease_owner=None,
+                lease_expires_at=None,
+            )
         )
         if selection is not None:
             audit(
