@@ -142,7 +142,11 @@ class Sender:
             return {}
         groups: dict[_GroupKey, list[DueDelivery]] = {}
         claimed = claim_due(
-            self._sessions, self._owner, lease_s=self._settings.claim_lease_s, destinations=wanted
+            self._sessions,
+            self._owner,
+            lease_s=self._settings.claim_lease_s,
+            destinations=wanted,
+            limit=self._settings.max_per_association * len(wanted),
         )
         for due in claimed:
             groups.setdefault((due.destination, due.ae_title, due.host, due.port), []).append(due)

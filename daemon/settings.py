@@ -192,6 +192,8 @@ class DeliverySettings(_Section):
     tls: DeliveryTlsSettings = DeliveryTlsSettings()
     max_parallel_destinations: int = Field(4, ge=1, le=64)
     """Destinations served at the same time (one association each)."""
+    max_per_association: int = Field(100, ge=1)
+    """Objects one association carries per round (the rest follow in the next round)."""
     claim_lease_s: float = Field(300.0, gt=0)
     """How long a claimed (SENDING) entry stays with its sender before others may take it."""
     backoff_jitter: float = Field(0.5, ge=0, le=1)
