@@ -207,12 +207,20 @@ def _associate(
             association_failed=True,
         )
     how = " (TLS: handshake failed? check certificates)" if ssl_context is not None else ""
+    elapsed_s = time.monotonic() - started
+    if assoc.is_aborted and elapsed_s >= 0.9 * timeout_s:
+        raise SendError(
+            f"timed out after {elapsed_s:.1f} s waiting for {where} to answer the association "
+            f"request{how}",
+            retryable=True,
+            association_failed=True,
+        )
     if assoc.is_aborted:
         raise SendError(
             f"association aborted by {where}{how}", retryable=True, association_failed=True
         )
     raise SendError(
-        _connect_failure(where, time.monotonic() - started, timeout_s) + how,
+        _connect_failure(where, elapsed_s, timeout_s) + how,
         retryable=True,
         association_failed=True,
     )
