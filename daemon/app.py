@@ -190,7 +190,12 @@ class Radflag:
 
     def purge_spool(self) -> None:
         """Scheduled: purge old pixel data of finished studies (``[retention]``)."""
-        purge_spool(self.sessions, self.spool.root, self.settings.retention)
+        purge_spool(
+            self.sessions,
+            self.spool.root,
+            self.settings.retention,
+            results_root=self.results.root,
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:

@@ -39,6 +39,7 @@ from db.results import (
     record_classification,
     study_sender,
 )
+from db.retention import purged_instances
 from dicom_io.kos import build_rejection_note
 from dicom_io.reader import (
     DecodedImage,
@@ -212,6 +213,24 @@ def mark_revision(ds: Dataset, algorithm: AlgorithmInfo, revision: Revision) -> 
         set_predecessor(ds, revision.predecessor)
 
 
+def refuse_purged_study(sessions: sessionmaker[Session], claim: ClaimedStudy) -> None:
+    """Refuse a study whose images retention already purged (re-opened by a late image).
+
+    Classifying what is left would report on a subset of the study as if it were all of it.
+
+    Raises
+    ------
+    PermanentProcessingError
+        Naming how many of the study's images are gone.
+    """
+    purged = purged_instances(sessions, claim.study_id)
+    if purged:
+        raise PermanentProcessingError(
+            f"study re-opened after retention purged {len(purged)} of its "
+            f"{len(claim.instances)} images; not re-classified from the remaining subset"
+        )
+
+
 class StudyProcessor:
     """Runs the models on claimed studies and records what happened.
 
@@ -267,6 +286,7 @@ class StudyProcessor:
 
     def _process(self, claim: ClaimedStudy) -> None:
         t_start = time.perf_counter()
+        refuse_purged_study(self._sessions, claim)
         headers: list[_Selected] = []
         unreadable: dict[str, str] = {}
         for inst in claim.instances:
