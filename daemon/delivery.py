@@ -122,7 +122,10 @@ class Sender:
             for key, entries in self._claim().items():
                 with self._lock:
                     self._busy[key[0]] += 1
-                self._pool.submit(self._serve, key, entries)
+                try:
+                    self._pool.submit(self._serve, key, entries)
+                except RuntimeError:  # stopped meanwhile: give the claims back
+                    self._done(key, [d.delivery_id for d in entries])
         return self.take_counts()
 
     def take_counts(self) -> dict[str, int]:
@@ -174,9 +177,15 @@ class Sender:
         except Exception:  # noqa: BLE001 - never lose claims to a bug: give them back
             log.exception("sender failed; releasing its claims", extra={"destination": key[0]})
         finally:
-            release_claims(
-                self._sessions, [d.delivery_id for d in todo], self._owner, reason="not sent"
-            )
+            self._done(key, [d.delivery_id for d in todo])
+
+    def _done(self, key: _GroupKey, unsent: list[int]) -> None:
+        """Release what was not sent (its lease lapses if even that fails); free the slot."""
+        try:
+            release_claims(self._sessions, unsent, self._owner, reason="not sent")
+        except Exception:  # noqa: BLE001 - e.g. database down: the lease lapses instead
+            log.exception("cannot release claims", extra={"destination": key[0]})
+        finally:
             with self._lock:
                 self._busy[key[0]] -= 1
 

@@ -206,11 +206,18 @@ def release_claims(
             audit(
                 session,
                 AuditEventType.DELIVERY_RELEASED,
-                actor=f"sender:{owner}",
-                study_instance_uid=None,
+                actor="outbox",
+                study_instance_uid=session.scalar(
+                    select(Study.study_instance_uid).where(Study.id == d.study_id)
+                ),
                 sop_instance_uid=d.sop_instance_uid,
                 at=now,
-                detail={"delivery_id": d.id, "destination": d.destination, "reason": reason},
+                detail={
+                    "delivery_id": d.id,
+                    "destination": d.destination,
+                    "sender": owner,
+                    "reason": reason,
+                },
             )
         return [d.id for d in rows]
 
@@ -281,7 +288,7 @@ def record_attempt(
     retryable: bool,
     policy: BackoffPolicy,
     owner: str,
-    actor: str | None = None,
+    actor: str = "outbox",
 ) -> DeliveryState:
     """Record one send attempt against ``owner``'s claim and move the entry (and study) on.
 
@@ -295,7 +302,6 @@ def record_attempt(
     DeliveryState
         The entry's state after the attempt.
     """
-    actor = actor or f"sender:{owner}"
     with sessions.begin() as session:
         now = _db_now(session)
         d = session.scalars(
@@ -319,6 +325,7 @@ def record_attempt(
             )
         )
         detail = {
+            "sender": owner,
             "destination": d.destination,
             "kind": d.kind,
             "attempt": d.attempts,
