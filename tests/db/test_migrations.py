@@ -186,7 +186,8 @@ def test_db_upgrade_command_and_daemon_refusal(
     engine = make_engine(settings.database.url)
     upgrade(engine, "0001")
     engine.dispose()
-    with pytest.raises(SchemaMismatch, match=rf"revision 0001, this radflag expects {head_revision()}"):
+    expected = rf"revision 0001, this radflag expects {head_revision()}"
+    with pytest.raises(SchemaMismatch, match=expected):
         Radflag(settings, models=[])
     assert main(["db", "upgrade", "--config", str(cfg)]) == 0
     assert f"0001 -> {head_revision()}" in capsys.readouterr().out
