@@ -179,11 +179,15 @@ def _associate(
     for sop_class, syntaxes in contexts:
         ae.add_requested_context(sop_class, syntaxes)
     started = time.monotonic()
+    connected: list[bool] = []
     assoc = ae.associate(
         dest.host,
         dest.port,
         ae_title=dest.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay)],
+        evt_handlers=[
+            (evt.EVT_CONN_OPEN, _set_nodelay),
+            (evt.EVT_CONN_OPEN, lambda _event: connected.append(True)),
+        ],
         tls_args=None if ssl_context is None else (ssl_context, dest.host),
     )
     if assoc.is_established:
@@ -208,6 +212,12 @@ def _associate(
         )
     how = " (TLS: handshake failed? check certificates)" if ssl_context is not None else ""
     elapsed_s = time.monotonic() - started
+    if not connected:
+        raise SendError(
+            _connect_failure(where, elapsed_s, timeout_s) + how,
+            retryable=True,
+            association_failed=True,
+        )
     if assoc.is_aborted and elapsed_s >= 0.9 * timeout_s:
         raise SendError(
             f"timed out after {elapsed_s:.1f} s waiting for {where} to answer the association "

@@ -95,7 +95,7 @@ def test_dead_destination_does_not_delay_the_healthy_one(
     sent = _entries(app.sessions, "pacs")
     assert [d.state for d in sent] == ["SENT"] * 6
     with app.sessions() as s:
-        classified = dict(s.execute(select(Study.id, Study.classified_at)).tuples().all())
+        classified = {sid: at for sid, at in s.execute(select(Study.id, Study.classified_at))}
     latencies = [(d.sent_at - classified[d.study_id]).total_seconds() for d in sent if d.sent_at]
     print(f"healthy destination latency after classification: max {max(latencies):.2f} s")
     # A serial sender would have waited at least one 4 s connect timeout of the dead one.
@@ -249,3 +249,46 @@ def test_stopping_sender_finishes_the_store_in_flight_and_releases_the_rest(
     assert len(sent) + len(released) == 4
     assert all(states[u].attempts == 0 and states[u].lease_owner is None for u in released)
     assert claim_due(sessions, "s2", lease_s=60) != []  # due again at once, for anyone
+
+
+def test_refused_compressed_syntax_falls_back_to_uncompressed(tmp_path: Path, start_app) -> None:
+    """A PACS that takes Secondary Capture only uncompressed gets the native file at once."""
+    ae = AE(ae_title="NATIVE")
+    ae.add_supported_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    received: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(str(event.context.transfer_syntax))
+        return 0x0000
+
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        port = server.server_address[1]
+        settings = make_settings(
+            tmp_path,
+            None,
+            destinations=[
+                {
+                    "name": "old",
+                    "ae_title": "NATIVE",
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "outputs": ["SC"],
+                    "transfer_syntax": "jpeg2000_lossless",
+                }
+            ],
+        )
+        app = start_app(settings)
+        ds = make_dx(seed=71)
+        assert dcmsend(app.port, save(ds, tmp_path / "a.dcm")).returncode == 0
+        wait_until(lambda: len(received) == 1, what="the SC")
+        wait_until(
+            lambda: [d.state for d in _entries(app.sessions, "old")] == ["SENT"], what="SENT"
+        )
+    finally:
+        server.shutdown()
+    assert received == [ExplicitVRLittleEndian]
+    (entry,) = _entries(app.sessions, "old")
+    assert entry.attempts == 1 and entry.payload_path.endswith("JPEG2000Lossless.dcm")
