@@ -31,7 +31,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.delivery import deliver_due
+from daemon.delivery import Sender
 from daemon.http.server import HttpServer, start_http_server
 from daemon.metrics import (
     CountingSink,
@@ -186,6 +186,9 @@ class Radflag:
         tls_names = [d.name for d in settings.destinations if d.tls]
         client_tls = settings.delivery.tls.to_client_tls().context() if tls_names else None
         self._delivery_tls = {name: client_tls for name in tls_names if client_tls is not None}
+        self.sender = Sender(
+            self.sessions, settings.delivery, self.results, self.worker_id, self._delivery_tls
+        )
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._stopped = threading.Event()
         self._started = False
@@ -267,17 +270,19 @@ class Radflag:
     def deliver(self) -> None:
         """Scheduled: send due outbox entries."""
         set_thread_role("sender")
-        counts = deliver_due(
-            self.sessions, self.settings.delivery, self.results, self._delivery_tls
-        )
-        observe_delivery_round(self.metrics, counts)
+        observe_delivery_round(self.metrics, self.sender.run_round())
 
     def purge_spool(self) -> None:
-        """Scheduled, once per cluster: purge old pixel data of finished studies."""
+        """Scheduled, once per cluster: purge old pixel data and results of finished studies."""
         set_thread_role("scheduler")
         with cluster_singleton(self.engine, "retention") as mine:
             if mine:
-                purge_spool(self.sessions, self.spool.root, self.settings.retention)
+                purge_spool(
+                    self.sessions,
+                    self.spool.root,
+                    self.settings.retention,
+                    results_root=self.results.root,
+                )
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -416,6 +421,8 @@ class Radflag:
             grace_s = max(30.0, self.settings.listener.shutdown_grace_s)
             if "worker" in self.roles and not self.worker.stop(timeout_s=grace_s):
                 log.warning("worker still busy at shutdown; its study goes back to the queue")
+            if not self.sender.stop(timeout_s=self.settings.delivery.timeout_s + 5):
+                log.warning("a delivery still in flight at shutdown; its claim lapses")
         if self.http is not None:
             self.http.stop()
         released = release_own_leases(self.sessions, self.worker_id)

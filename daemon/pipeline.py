@@ -31,7 +31,16 @@ from db.queue import (
     finish_not_applicable,
     retry_later,
 )
-from db.results import OutputRecord, ResultRecord, record_classification, study_sender
+from db.results import (
+    OutputRecord,
+    PriorRevision,
+    ResultRecord,
+    prior_revision,
+    record_classification,
+    study_sender,
+)
+from db.retention import purged_instances
+from dicom_io.kos import build_rejection_note
 from dicom_io.reader import (
     DecodedImage,
     DecodeError,
@@ -40,15 +49,24 @@ from dicom_io.reader import (
     read_header,
     read_image,
 )
+from dicom_io.revisions import (
+    ObjectRef,
+    ResultContent,
+    add_algorithm_equipment,
+    content_result_uids,
+    set_predecessor,
+    set_revision_number,
+)
 from dicom_io.sc import build_heatmap_sc, encode_in
 from dicom_io.select import select_images
 from dicom_io.spool import Spool
 from dicom_io.sr import (
     AlgorithmInfo,
     FindingResult,
+    SRStorageClass,
     as_comprehensive_sr,
     build_sr,
-    result_uids,
+    model_identity,
 )
 from model.infer import aggregate_study
 from model.pixels import PixelMeta
@@ -138,6 +156,81 @@ def _display(image: DecodedImage, meta: PixelMeta, loaded: LoadedModel) -> npt.N
     )
 
 
+def result_content(
+    per_image: dict[str, float], finding: FindingResult, threshold: float
+) -> ResultContent:
+    """Return what a result states: its source images and values (names its UIDs)."""
+    return ResultContent(
+        frozenset(per_image),
+        {
+            "finding": f"{finding.code_scheme}:{finding.code_value}",
+            "probability": float(finding.probability),
+            "present": bool(finding.present),
+            "threshold": float(threshold),
+        },
+    )
+
+
+@dataclass(frozen=True)
+class Revision:
+    """Where a newly computed result stands among the study's earlier results of its model."""
+
+    number: int
+    predecessor: ObjectRef | None
+    """The SR the new SR replaces (its Predecessor Documents Sequence, PS3.3 C.17.2)."""
+    replaces: PriorRevision | None
+    """The earlier revision this one supersedes; None when new or unchanged."""
+
+
+def next_revision(prior: PriorRevision | None, study_uid: str, sr_sop_uid: str) -> Revision:
+    """Return the new result's revision: unchanged content keeps the prior one, else + 1."""
+    if prior is None or not prior.sr_sop_instance_uid or not prior.sr_series_instance_uid:
+        return Revision(1, None, None)
+    if prior.sr_sop_instance_uid == sr_sop_uid:  # same content, same object
+        earlier = None
+        if prior.predecessor_sop_instance_uid and prior.predecessor_series_instance_uid:
+            earlier = ObjectRef(
+                study_uid,
+                prior.predecessor_series_instance_uid,
+                SRStorageClass.COMPREHENSIVE_3D.value,
+                prior.predecessor_sop_instance_uid,
+            )
+        return Revision(prior.revision, earlier, None)
+    predecessor = ObjectRef(
+        study_uid,
+        prior.sr_series_instance_uid,
+        SRStorageClass.COMPREHENSIVE_3D.value,
+        prior.sr_sop_instance_uid,
+    )
+    return Revision(prior.revision + 1, predecessor, prior)
+
+
+def mark_revision(ds: Dataset, algorithm: AlgorithmInfo, revision: Revision) -> None:
+    """Add the algorithm's Contributing Equipment, the revision number and (SR) predecessor."""
+    add_algorithm_equipment(ds, model_identity(algorithm), algorithm.manufacturer)
+    set_revision_number(ds, revision.number)
+    if revision.predecessor is not None and "ContentSequence" in ds:
+        set_predecessor(ds, revision.predecessor)
+
+
+def refuse_purged_study(sessions: sessionmaker[Session], claim: ClaimedStudy) -> None:
+    """Refuse a study whose images retention already purged (re-opened by a late image).
+
+    Classifying what is left would report on a subset of the study as if it were all of it.
+
+    Raises
+    ------
+    PermanentProcessingError
+        Naming how many of the study's images are gone.
+    """
+    purged = purged_instances(sessions, claim.study_id)
+    if purged:
+        raise PermanentProcessingError(
+            f"study re-opened after retention purged {len(purged)} of its "
+            f"{len(claim.instances)} images; not re-classified from the remaining subset"
+        )
+
+
 class StudyProcessor:
     """Runs the models on claimed studies and records what happened.
 
@@ -193,6 +286,7 @@ class StudyProcessor:
 
     def _process(self, claim: ClaimedStudy) -> None:
         t_start = time.perf_counter()
+        refuse_purged_study(self._sessions, claim)
         headers: list[_Selected] = []
         unreadable: dict[str, str] = {}
         for inst in claim.instances:
@@ -307,11 +401,15 @@ class StudyProcessor:
             weights_sha256=identity.weights_sha256,
             threshold=card.threshold,
         )
+        content = result_content(per_image, finding, card.threshold)
+        prior = prior_revision(self._sessions, claim.study_id, identity.name)
         try:
-            sr = self._build_sr(claim, sources, finding, algorithm)
+            sr = self._build_sr(claim, sources, finding, algorithm, content)
         except ValueError as exc:
             raise PermanentProcessingError(f"cannot build the SR: {exc}") from exc
         series_uid, sop_uid = str(sr.SeriesInstanceUID), str(sr.SOPInstanceUID)
+        revision = next_revision(prior, claim.study_instance_uid, sop_uid)
+        mark_revision(sr, algorithm, revision)
         payloads = _Payloads(self._results, claim.study_instance_uid)
         payloads.add("SR", sr)
         sr_ms = (time.perf_counter() - t_sr) * 1000
@@ -320,10 +418,11 @@ class StudyProcessor:
         if any("SC" in d.outputs for d in self._settings.destinations):
             key = max(chosen, key=lambda sel: per_image[sel.header.sop_instance_uid])
             try:
-                payloads.add(
-                    "SC",
-                    self._build_sc(claim, loaded, key, decoded, sources, finding, algorithm),
+                sc = self._build_sc(
+                    claim, loaded, key, decoded, sources, finding, algorithm, content
                 )
+                mark_revision(sc, algorithm, revision)
+                payloads.add("SC", sc)
             except Exception as exc:  # noqa: BLE001 - the SR still goes out; reason audited
                 log.warning(
                     "heatmap picture not built; the SR is still delivered",
@@ -333,6 +432,8 @@ class StudyProcessor:
         sc_ms = (time.perf_counter() - t_sc) * 1000
 
         outputs = self._outputs(claim, payloads, card.name, problems)
+        if revision.replaces is not None:
+            outputs += self._rejection_notes(claim, algorithm, revision.replaces, problems)
         return ResultRecord(
             model_name=identity.name,
             model_version=identity.version,
@@ -354,6 +455,11 @@ class StudyProcessor:
             sr_series_instance_uid=series_uid,
             sr_sop_instance_uid=sop_uid,
             outputs=outputs,
+            revision=revision.number,
+            content_key=content.key(),
+            predecessor_sop_instance_uid=(
+                None if revision.predecessor is None else revision.predecessor.sop_instance_uid
+            ),
         )
 
     def _outputs(
@@ -404,9 +510,10 @@ class StudyProcessor:
         sources: list[Dataset],
         finding: FindingResult,
         algorithm: AlgorithmInfo,
+        content: ResultContent,
     ) -> Dataset:
-        series_uid, sop_uid = result_uids(
-            claim.study_instance_uid, algorithm.name, algorithm.version, "SR"
+        series_uid, sop_uid = content_result_uids(
+            claim.study_instance_uid, model_identity(algorithm), "SR", content
         )
         return build_sr(
             sources,
@@ -425,6 +532,7 @@ class StudyProcessor:
         sources: list[Dataset],
         finding: FindingResult,
         algorithm: AlgorithmInfo,
+        content: ResultContent,
     ) -> Dataset:
         """Build the heatmap picture of the study's key image (the one with the top probability)."""
         image = decoded[key.header.sop_instance_uid]
@@ -432,8 +540,8 @@ class StudyProcessor:
         heatmap = _explain(loaded, image.pixels, meta)
         display = _display(image, meta, loaded)
         source = next(ds for ds in sources if str(ds.SOPInstanceUID) == key.header.sop_instance_uid)
-        series_uid, sop_uid = result_uids(
-            claim.study_instance_uid, algorithm.name, algorithm.version, "SC"
+        series_uid, sop_uid = content_result_uids(
+            claim.study_instance_uid, model_identity(algorithm), "SC", content
         )
         return build_heatmap_sc(
             source,
@@ -444,6 +552,48 @@ class StudyProcessor:
             series_instance_uid=series_uid,
             sop_instance_uid=sop_uid,
         )
+
+    def _rejection_notes(
+        self,
+        claim: ClaimedStudy,
+        algorithm: AlgorithmInfo,
+        replaced: PriorRevision,
+        problems: dict[str, str],
+    ) -> tuple[OutputRecord, ...]:
+        """IOCM rejection notes (KOS) for destinations with ``supersede = "iocm_reject"``.
+
+        Each such destination gets one note rejecting the objects of the replaced revision it
+        received (IHE RAD TF-3 4.66); the note's UIDs derive from the rejected instances.
+        """
+        records: list[OutputRecord] = []
+        for dest in self._settings.destinations:
+            sent = replaced.sent.get(dest.name, [])
+            if dest.supersede != "iocm_reject" or not sent:
+                continue
+            try:
+                rejected = [read_dataset(Path(o.payload_path), with_pixels=False) for o in sent]
+                kos = build_rejection_note(
+                    rejected, model_identity(algorithm), algorithm.manufacturer
+                )
+                path = self._results.path_for(
+                    claim.study_instance_uid, str(kos.SeriesInstanceUID), str(kos.SOPInstanceUID)
+                )
+                self._results.write(kos, kos.file_meta, path)
+            except Exception as exc:  # noqa: BLE001 - e.g. purged by retention; reason audited
+                problems[f"{algorithm.name}:{dest.name}:KOS"] = f"{type(exc).__name__}: {exc}"
+                continue
+            records.append(
+                OutputRecord(
+                    destination=dest.name,
+                    ae_title=sent[0].ae_title,
+                    host=sent[0].host,
+                    port=sent[0].port,
+                    kind="KOS",
+                    sop_instance_uid=str(kos.SOPInstanceUID),
+                    payload_path=str(path),
+                )
+            )
+        return tuple(records)
 
     def _fail_undecodable(self, claim: ClaimedStudy, sel: _Selected, reason: str) -> None:
         path = Path(sel.instance.path)

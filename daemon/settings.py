@@ -238,6 +238,14 @@ class DeliverySettings(_Section):
     check_interval_s: float = Field(2.0, gt=0)
     timeout_s: float = Field(30.0, gt=0)
     tls: DeliveryTlsSettings = DeliveryTlsSettings()
+    max_parallel_destinations: int = Field(4, ge=1, le=64)
+    """Destinations served at the same time (one association each)."""
+    max_per_association: int = Field(100, ge=1)
+    """Objects one association carries per round (the rest follow in the next round)."""
+    claim_lease_s: float = Field(300.0, gt=0)
+    """How long a claimed (SENDING) entry stays with its sender before others may take it."""
+    backoff_jitter: float = Field(0.5, ge=0, le=1)
+    """Each retry delay is drawn from ``[delay * (1 - jitter), delay]``."""
 
 
 ResultKind = Literal["SR", "SC"]
@@ -285,6 +293,9 @@ class DestinationSettings(_Section):
     """Transfer syntax of sent images (SC); SRs use a native syntax (implicit if asked)."""
     tls: bool = False
     """Send over DICOM TLS (client settings in ``delivery.tls``)."""
+    supersede: Literal["keep", "iocm_reject"] = "keep"
+    """What a changed result does to the old one here: ``keep`` it (the new SR names it as
+    predecessor), or also send an IHE IOCM rejection note (KOS) for it (``iocm_reject``)."""
 
     @field_validator("ae_title")
     @classmethod

@@ -145,6 +145,12 @@ class Result(Base):
     sr_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
     superseded: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime]
+    revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    """1 for a study's first result of a model; +1 whenever the content (and UIDs) change."""
+    content_key: Mapped[str | None] = mapped_column(String(64))
+    """sha256 of sources + values (:meth:`dicom_io.revisions.ResultContent.key`)."""
+    predecessor_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    """The SR this revision replaces (its Predecessor Documents Sequence)."""
 
     study: Mapped[Study] = relationship(back_populates="results")
 
@@ -170,6 +176,10 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime]
     sent_at: Mapped[datetime | None]
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    """The sender holding the entry while it is SENDING."""
+    lease_expires_at: Mapped[datetime | None]
+    """When a SENDING claim lapses (database clock) and the entry is due again."""
 
     attempt_history: Mapped[list[DeliveryAttempt]] = relationship(back_populates="delivery")
 

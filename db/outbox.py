@@ -1,24 +1,33 @@
-"""The delivery outbox: due entries, attempts with exponential backoff, dead letters.
+"""The delivery outbox: claims, attempts with exponential backoff and jitter, dead letters.
 
-One entry per (result object, destination). The scheduled sender (``daemon.delivery``) takes
-due PENDING entries, records every attempt, retries after ``base * 2**(n-1)`` seconds and
-gives up after ``max_attempts`` (DEAD, the study DELIVERY_FAILED). Operators list, retry and
-drop entries (``radflag outbox``). Result objects carry deterministic UIDs, so a re-sent
-object replaces the earlier copy at the PACS: delivery is at-least-once on the wire and
-exactly-once as the PACS sees it.
+One entry per (result object, destination). A sender (``daemon.delivery``) *claims* due
+entries first (:func:`claim_due`: ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL, the
+write lock on SQLite) and moves them to SENDING with a lease that expires by the
+**database's** clock; only then does it send, and it records each attempt against its claim
+(:func:`record_attempt`). Two senders never hold the same entry, so in normal operation an
+object is sent once per destination. A sender that dies leaves SENDING entries whose lease
+lapses; they are due again and re-sent with the same SOP Instance UID (result UIDs derive
+from content), which the PACS sees as the same object. A sender that stops gracefully gives
+its unsent claims back (:func:`release_claims`).
+
+Failures are retried after ``base * 2**(n-1)`` seconds (capped, with jitter) and given up
+after ``max_attempts`` (DEAD, the study DELIVERY_FAILED). Operators list, retry and drop
+entries (``radflag outbox``).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import random
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.audit import AuditEventType, audit
+from db.clock import db_now
 from db.models import Delivery, DeliveryAttempt, Study, utcnow
 from db.queue import transition
 from db.states import StudyEvent, StudyState
@@ -28,6 +37,8 @@ class DeliveryState(enum.StrEnum):
     """Where an outbox entry is."""
 
     PENDING = "PENDING"
+    SENDING = "SENDING"
+    """Claimed by a sender (``lease_owner``) until ``lease_expires_at`` (database clock)."""
     SENT = "SENT"
     DEAD = "DEAD"
     CANCELLED = "CANCELLED"
@@ -37,16 +48,24 @@ class DeliveryState(enum.StrEnum):
 class BackoffPolicy:
     """Retry schedule: ``base_s * 2**(attempt-1)`` capped at ``max_s``, dead after ``max_attempts``.
 
-    Attempts are counted per outbox entry.
+    Attempts are counted per outbox entry. With ``jitter`` > 0 the actual delay is drawn
+    uniformly from ``[delay * (1 - jitter), delay]`` so entries (and senders) that failed
+    together do not retry in lockstep.
     """
 
     base_s: float = 10.0
     max_s: float = 600.0
     max_attempts: int = 10
+    jitter: float = 0.0
 
     def delay_s(self, attempts: int) -> float:
-        """Seconds to wait after the ``attempts``-th failed attempt."""
+        """Seconds to wait after the ``attempts``-th failed attempt (before jitter)."""
         return float(min(self.max_s, self.base_s * (2 ** max(0, attempts - 1))))
+
+    def jittered_delay_s(self, attempts: int, rng: random.Random | None = None) -> float:
+        """Return :meth:`delay_s` shortened by a random fraction of at most ``jitter``."""
+        draw = (rng or random).random()
+        return self.delay_s(attempts) * (1.0 - self.jitter * draw)
 
 
 @dataclass(frozen=True)
@@ -66,10 +85,158 @@ class DueDelivery:
     attempts: int
 
 
+def _is_due(now: datetime) -> ColumnElement[bool]:
+    """Return the SQL condition "due": PENDING and due, or SENDING with a lapsed lease."""
+    return or_(
+        and_(Delivery.state == DeliveryState.PENDING.value, Delivery.next_attempt_at <= now),
+        and_(Delivery.state == DeliveryState.SENDING.value, Delivery.lease_expires_at < now),
+    )
+
+
+def due_destinations(sessions: sessionmaker[Session], *, limit: int = 64) -> list[str]:
+    """Return the destinations that have due entries (see :func:`claim_due`)."""
+    with sessions() as session:
+        now = db_now(session)
+        rows = session.scalars(
+            select(Delivery.destination)
+            .where(_is_due(now))
+            .group_by(Delivery.destination)
+            .order_by(func.min(Delivery.next_attempt_at))
+            .limit(limit)
+        ).all()
+        return list(rows)
+
+
+def claim_due(
+    sessions: sessionmaker[Session],
+    owner: str,
+    *,
+    lease_s: float,
+    destinations: Collection[str] | None = None,
+    limit: int = 200,
+) -> list[DueDelivery]:
+    """Claim due entries for ``owner``: SENDING with a lease of ``lease_s`` (database clock).
+
+    Due means PENDING with its next attempt time come, or SENDING whose lease has lapsed
+    (a sender that died; re-sent with the same UIDs). Rows locked by another sender's claim
+    are skipped (``FOR UPDATE SKIP LOCKED``), so concurrent senders never claim the same
+    entry. Oldest first; ``destinations`` restricts the claim.
+    """
+    with sessions.begin() as session:
+        now = db_now(session)
+        query = select(Delivery).where(_is_due(now))
+        if destinations is not None:
+            query = query.where(Delivery.destination.in_(list(destinations)))
+        rows = session.scalars(
+            query.order_by(Delivery.next_attempt_at, Delivery.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        expires = now + timedelta(seconds=lease_s)
+        for d in rows:
+            d.state = DeliveryState.SENDING.value
+            d.lease_owner = owner
+            d.lease_expires_at = expires
+        study_uids: dict[int, str] = {
+            sid: uid
+            for sid, uid in session.execute(
+                select(Study.id, Study.study_instance_uid).where(
+                    Study.id.in_(sorted({d.study_id for d in rows}))
+                )
+            )
+        }
+        return [_due(d, study_uids[d.study_id]) for d in rows]
+
+
+def _due(d: Delivery, study_uid: str) -> DueDelivery:
+    return DueDelivery(
+        delivery_id=d.id,
+        study_id=d.study_id,
+        study_instance_uid=study_uid,
+        destination=d.destination,
+        ae_title=d.ae_title,
+        host=d.host,
+        port=d.port,
+        kind=d.kind,
+        sop_instance_uid=d.sop_instance_uid,
+        payload_path=d.payload_path,
+        attempts=d.attempts,
+    )
+
+
+def release_claims(
+    sessions: sessionmaker[Session], delivery_ids: Sequence[int], owner: str, *, reason: str
+) -> list[int]:
+    """Give unsent claimed entries back (PENDING, due now) without counting an attempt.
+
+    Only entries still SENDING under ``owner`` change; returns their ids.
+    """
+    if not delivery_ids:
+        return []
+    with sessions.begin() as session:
+        now = db_now(session)
+        rows = session.scalars(
+            select(Delivery)
+            .where(
+                Delivery.id.in_(list(delivery_ids)),
+                Delivery.state == DeliveryState.SENDING.value,
+                Delivery.lease_owner == owner,
+            )
+            .with_for_update()
+        ).all()
+        for d in rows:
+            d.state = DeliveryState.PENDING.value
+            d.lease_owner = None
+            d.lease_expires_at = None
+            d.next_attempt_at = now
+            audit(
+                session,
+                AuditEventType.DELIVERY_RELEASED,
+                actor="outbox",
+                study_instance_uid=session.scalar(
+                    select(Study.study_instance_uid).where(Study.id == d.study_id)
+                ),
+                sop_instance_uid=d.sop_instance_uid,
+                at=now,
+                detail={
+                    "delivery_id": d.id,
+                    "destination": d.destination,
+                    "sender": owner,
+                    "reason": reason,
+                },
+            )
+        return [d.id for d in rows]
+
+
+def renew_claims(
+    sessions: sessionmaker[Session], delivery_ids: Sequence[int], owner: str, *, lease_s: float
+) -> int:
+    """Extend ``owner``'s claims on entries still SENDING (database clock); return how many."""
+    if not delivery_ids:
+        return 0
+    with sessions.begin() as session:
+        now = db_now(session)
+        rows = session.scalars(
+            select(Delivery)
+            .where(
+                Delivery.id.in_(list(delivery_ids)),
+                Delivery.state == DeliveryState.SENDING.value,
+                Delivery.lease_owner == owner,
+            )
+            .with_for_update()
+        ).all()
+        for d in rows:
+            d.lease_expires_at = now + timedelta(seconds=lease_s)
+        return len(rows)
+
+
 def due_deliveries(
     sessions: sessionmaker[Session], *, now: datetime | None = None, limit: int = 50
 ) -> list[DueDelivery]:
-    """Return PENDING entries whose next attempt time has come, oldest first."""
+    """Return (without claiming) PENDING entries whose next attempt time has come, oldest first.
+
+    For listings and tests; a sender uses :func:`claim_due`.
+    """
     when = now or utcnow()
     with sessions() as session:
         rows = session.execute(
@@ -106,26 +273,29 @@ def record_attempt(
     error: str | None,
     retryable: bool,
     policy: BackoffPolicy,
+    owner: str,
     actor: str = "outbox",
 ) -> DeliveryState:
-    """Record one send attempt and move the entry (and, when all is sent, the study) on.
+    """Record one send attempt against ``owner``'s claim and move the entry (and study) on.
 
-    A failure is retried after :meth:`BackoffPolicy.delay_s`; a permanent failure, or the last
-    allowed attempt, makes the entry DEAD and the study DELIVERY_FAILED.
+    A failure is retried after :meth:`BackoffPolicy.jittered_delay_s`; a permanent failure, or
+    the last allowed attempt, makes the entry DEAD and the study DELIVERY_FAILED. When the
+    claim is no longer ``owner``'s (lapsed and taken over, cancelled as superseded), only the
+    attempt's history row is written and the entry is left to its current holder.
 
     Returns
     -------
     DeliveryState
         The entry's state after the attempt.
     """
-    now = utcnow()
     with sessions.begin() as session:
+        now = db_now(session)
         d = session.scalars(
             select(Delivery).where(Delivery.id == delivery_id).with_for_update()
         ).one()
         study = session.scalars(select(Study).where(Study.id == d.study_id).with_for_update()).one()
-        if d.state != DeliveryState.PENDING.value:
-            # Cancelled (superseded) while the send was under way: keep the history only.
+        if d.state != DeliveryState.SENDING.value or d.lease_owner != owner:
+            # Claim lost (superseded, or lapsed and re-claimed): keep the history only.
             session.add(
                 DeliveryAttempt(
                     delivery_id=d.id, started_at=started_at, finished_at=now, ok=ok, error=error
@@ -133,12 +303,15 @@ def record_attempt(
             )
             return DeliveryState(d.state)
         d.attempts += 1
+        d.lease_owner = None
+        d.lease_expires_at = None
         session.add(
             DeliveryAttempt(
                 delivery_id=d.id, started_at=started_at, finished_at=now, ok=ok, error=error
             )
         )
         detail = {
+            "sender": owner,
             "destination": d.destination,
             "kind": d.kind,
             "attempt": d.attempts,
@@ -163,6 +336,7 @@ def record_attempt(
             _maybe_finish_study(session, study, now, actor)
             return DeliveryState.SENT
         d.last_error = error
+        d.state = DeliveryState.PENDING.value
         if not retryable or d.attempts >= policy.max_attempts:
             d.state = DeliveryState.DEAD.value
             d.next_attempt_at = None
@@ -187,7 +361,7 @@ def record_attempt(
                 )
                 study.failure_reason = f"delivery to {d.destination} failed: {error}"
             return DeliveryState.DEAD
-        delay = policy.delay_s(d.attempts)
+        delay = round(policy.jittered_delay_s(d.attempts), 3)
         d.next_attempt_at = now + timedelta(seconds=delay)
         audit(
             session,
@@ -209,7 +383,9 @@ def _maybe_finish_study(session: Session, study: Study, now: datetime, actor: st
         .select_from(Delivery)
         .where(
             Delivery.study_id == study.id,
-            Delivery.state.in_([DeliveryState.PENDING.value, DeliveryState.DEAD.value]),
+            Delivery.state.in_(
+                [DeliveryState.PENDING.value, DeliveryState.SENDING.value, DeliveryState.DEAD.value]
+            ),
         )
     )
     if open_count == 0:
@@ -231,7 +407,9 @@ def pending_count(sessions: sessionmaker[Session]) -> int:
             session.scalar(
                 select(func.count())
                 .select_from(Delivery)
-                .where(Delivery.state == DeliveryState.PENDING.value)
+                .where(
+                    Delivery.state.in_([DeliveryState.PENDING.value, DeliveryState.SENDING.value])
+                )
             )
             or 0
         )
@@ -259,7 +437,7 @@ def replace_payload(
             return False
         d.payload_path = payload_path
         d.sop_instance_uid = sop_instance_uid
-        d.next_attempt_at = utcnow()
+        d.next_attempt_at = db_now(session)
         return True
 
 

@@ -33,6 +33,9 @@ class ResultRecord:
     sr_series_instance_uid: str | None = None
     sr_sop_instance_uid: str | None = None
     outputs: tuple[OutputRecord, ...] = field(default_factory=tuple)
+    revision: int = 1
+    content_key: str | None = None
+    predecessor_sop_instance_uid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,9 @@ def record_classification(
 ) -> bool:
     """Store results, queue deliveries and move the study on, in one transaction.
 
-    Earlier results of the study are marked superseded and their undelivered outbox entries
-    cancelled: the new result objects carry the same deterministic UIDs and replace them.
+    Earlier results of the study are marked superseded (every revision stays in ``results``)
+    and their undelivered outbox entries cancelled. An output whose object (same SOP Instance
+    UID: same content) already reached its destination is not queued again.
 
     Returns
     -------
@@ -91,8 +95,16 @@ def record_classification(
             )
         session.execute(
             update(Delivery)
-            .where(Delivery.study_id == study.id, Delivery.state == DeliveryState.PENDING.value)
-            .values(state=DeliveryState.CANCELLED.value, last_error="superseded by a newer result")
+            .where(
+                Delivery.study_id == study.id,
+                Delivery.state.in_([DeliveryState.PENDING.value, DeliveryState.SENDING.value]),
+            )
+            .values(
+                state=DeliveryState.CANCELLED.value,
+                last_error="superseded by a newer result",
+                lease_owner=None,
+                lease_expires_at=None,
+            )
         )
         if selection is not None:
             audit(
@@ -124,11 +136,25 @@ def record_classification(
                 sr_sop_instance_uid=rec.sr_sop_instance_uid,
                 superseded=False,
                 created_at=now,
+                revision=rec.revision,
+                content_key=rec.content_key,
+                predecessor_sop_instance_uid=rec.predecessor_sop_instance_uid,
             )
             session.add(row)
             session.flush()
             max_probability = max(max_probability, rec.probability)
             for out in rec.outputs:
+                if _already_sent(session, study.id, out):
+                    audit(
+                        session,
+                        AuditEventType.DELIVERY_SKIPPED,
+                        actor=actor,
+                        study=study,
+                        sop_instance_uid=out.sop_instance_uid,
+                        at=now,
+                        detail={"destination": out.destination, "kind": out.kind},
+                    )
+                    continue
                 session.add(
                     Delivery(
                         study_id=study.id,
@@ -201,6 +227,96 @@ def record_classification(
             )
             return False
         return True
+
+
+def _already_sent(session: Session, study_id: int, out: OutputRecord) -> bool:
+    """Return True when this object (same SOP Instance UID) already reached its destination.
+
+    Content-derived UIDs make an unchanged result the same object: it is sent at most once
+    per destination per revision.
+    """
+    return (
+        session.scalar(
+            select(Delivery.id)
+            .where(
+                Delivery.study_id == study_id,
+                Delivery.destination == out.destination,
+                Delivery.sop_instance_uid == out.sop_instance_uid,
+                Delivery.state == DeliveryState.SENT.value,
+            )
+            .limit(1)
+        )
+        is not None
+    )
+
+
+@dataclass(frozen=True)
+class SentObject:
+    """A result object that reached a destination: what, where from, to which AE."""
+
+    kind: str
+    payload_path: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class PriorRevision:
+    """The current (latest, not superseded) result of one model on a study."""
+
+    result_id: int
+    revision: int
+    content_key: str | None
+    sr_series_instance_uid: str | None
+    sr_sop_instance_uid: str | None
+    predecessor_sop_instance_uid: str | None
+    predecessor_series_instance_uid: str | None
+    sent: dict[str, list[SentObject]]
+    """Per destination, the objects of this revision it received (SENT)."""
+
+
+def prior_revision(
+    sessions: sessionmaker[Session], study_id: int, model_name: str
+) -> PriorRevision | None:
+    """Return the study's current result of ``model_name`` (what a new result would revise)."""
+    with sessions() as session:
+        row = session.scalars(
+            select(Result)
+            .where(Result.study_id == study_id, Result.model_name == model_name)
+            .order_by(Result.id.desc())
+            .limit(1)
+        ).first()
+        if row is None:
+            return None
+        sent: dict[str, list[SentObject]] = {}
+        for d in session.scalars(
+            select(Delivery)
+            .where(Delivery.result_id == row.id, Delivery.state == DeliveryState.SENT.value)
+            .order_by(Delivery.id)
+        ):
+            sent.setdefault(d.destination, []).append(
+                SentObject(d.kind, d.payload_path, d.ae_title, d.host, d.port)
+            )
+        predecessor_series = (
+            None
+            if row.predecessor_sop_instance_uid is None
+            else session.scalar(
+                select(Result.sr_series_instance_uid)
+                .where(Result.sr_sop_instance_uid == row.predecessor_sop_instance_uid)
+                .limit(1)
+            )
+        )
+        return PriorRevision(
+            result_id=row.id,
+            revision=row.revision,
+            content_key=row.content_key,
+            sr_series_instance_uid=row.sr_series_instance_uid,
+            sr_sop_instance_uid=row.sr_sop_instance_uid,
+            predecessor_sop_instance_uid=row.predecessor_sop_instance_uid,
+            predecessor_series_instance_uid=predecessor_series,
+            sent=sent,
+        )
 
 
 def study_sender(sessions: sessionmaker[Session], study_id: int) -> tuple[str | None, str | None]:

@@ -7,6 +7,9 @@ instance. The purge removes the files; the instance rows, results, deliveries an
 rows stay, ``instances.purged_at`` records when the file went, and one ``INSTANCES_PURGED``
 audit row per study records which instances were purged.
 
+The study's result objects (SR, SC, rejection notes: they carry the patient's name and
+burned-in pixels) are removed with it; their rows stay.
+
 The file removal runs inside the study's transaction, with the study row locked, so that a
 late instance cannot re-open the study between the check and the removal. When the removal
 succeeded but the commit did not, the next run finds the files gone and records them as
@@ -32,6 +35,10 @@ PURGEABLE_STATES: frozenset[StudyState] = frozenset(
 )
 """Studies whose pixel data may go. DELIVERY_FAILED keeps it: an operator may retry."""
 
+RemoveResults = Callable[[str], int]
+"""Removes the result objects (SR, SC, KOS, their variants) of one study, given its Study
+Instance UID; returns how many files went; raises :class:`OSError` when it could not."""
+
 RemoveFile = Callable[[str], bool]
 """Removes one spooled file; True when removed, False when it was already gone; raises
 :class:`OSError` when it could not be removed."""
@@ -49,6 +56,24 @@ class StudyPurge:
     failed: dict[str, str]
     """SOP Instance UID -> error, for files that could not be removed (left unpurged)."""
     bytes_freed: int
+    results_removed: int = 0
+    """Result object files removed with the study (they carry names and burned-in pixels)."""
+
+
+def purged_instances(sessions: sessionmaker[Session], study_id: int) -> list[str]:
+    """Return the SOP Instance UIDs of the study whose spooled file retention removed.
+
+    A study re-opened by a late image after its purge has only part of its images left; it
+    must not be classified again from that subset.
+    """
+    with sessions() as session:
+        return list(
+            session.scalars(
+                select(Instance.sop_instance_uid)
+                .where(Instance.study_id == study_id, Instance.purged_at.is_not(None))
+                .order_by(Instance.id)
+            ).all()
+        )
 
 
 def studies_due(
@@ -86,6 +111,7 @@ def purge_study(
     *,
     received_before: datetime,
     remove_file: RemoveFile,
+    remove_results: RemoveResults | None = None,
     actor: str = "retention",
     now: datetime | None = None,
 ) -> StudyPurge | None:
@@ -101,6 +127,8 @@ def purge_study(
         The study is purged only when its last instance arrived before this time.
     remove_file
         Removes one file (see :data:`RemoveFile`).
+    remove_results
+        Removes the study's result objects (see :data:`RemoveResults`); None keeps them.
     actor
         Audit actor.
     now
@@ -147,6 +175,12 @@ def purge_study(
                 bytes_freed += inst.size_bytes
             else:
                 missing.append(inst.sop_instance_uid)
+        results_removed, results_error = 0, None
+        if remove_results is not None:
+            try:
+                results_removed = remove_results(study.study_instance_uid)
+            except OSError as exc:
+                results_error = f"{type(exc).__name__}: {exc.strerror or exc}"
         audit(
             session,
             AuditEventType.INSTANCES_PURGED,
@@ -161,6 +195,8 @@ def purge_study(
                 "sop_instance_uids": purged,
                 "missing": missing,
                 "failed": failed,
+                "results_removed": results_removed,
+                "results_error": results_error,
             },
         )
         return StudyPurge(
@@ -169,4 +205,5 @@ def purge_study(
             missing=tuple(missing),
             failed=failed,
             bytes_freed=bytes_freed,
+            results_removed=results_removed,
         )

@@ -18,13 +18,16 @@ import copy
 import logging
 import socket
 import ssl
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.status import code_to_category
 
 from dicom_io import statuses
 from dicom_io.ae_titles import validate_ae_title
@@ -82,6 +85,12 @@ class SendError(Exception):
     refused_sop_class
         The SOP Class UID the destination does not take (no accepted presentation context,
         or status 0x0122 "SOP class not supported"), so the caller may send another class.
+    association_failed
+        True when the association itself failed (could not connect, timed out, rejected,
+        aborted): the remaining objects for this destination cannot go either.
+    refused_transfer_syntax
+        The transfer syntax the destination did not accept for this SOP class while it
+        accepts a native one, so the caller may send the uncompressed object instead.
     """
 
     def __init__(
@@ -91,11 +100,15 @@ class SendError(Exception):
         retryable: bool,
         status: int | None = None,
         refused_sop_class: str | None = None,
+        association_failed: bool = False,
+        refused_transfer_syntax: str | None = None,
     ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.status = status
         self.refused_sop_class = refused_sop_class
+        self.association_failed = association_failed
+        self.refused_transfer_syntax = refused_transfer_syntax
 
 
 def _transfer_syntax(ds: Dataset) -> UID:
@@ -116,19 +129,24 @@ def _with_transfer_syntax(ds: Dataset) -> Dataset:
     return out
 
 
-def _requested_contexts(datasets: Sequence[Dataset]) -> dict[str, list[UID]]:
-    wanted: dict[str, list[UID]] = {}
+def _requested_contexts(datasets: Sequence[Dataset]) -> list[tuple[str, list[UID]]]:
+    """Presentation contexts to propose (PS3.8 9.3.2.2).
+
+    Per SOP class one context with the native syntaxes (Explicit, then Implicit VR Little
+    Endian) and one per compressed syntax in use, so a destination that refuses the
+    compressed syntax still accepts the class and gets the uncompressed object instead.
+    """
+    native: dict[str, list[UID]] = {}
+    compressed: list[tuple[str, list[UID]]] = []
     for ds in datasets:
         sop_class = str(ds.get("SOPClassUID", ""))
         if not sop_class:
             raise SendError("a dataset has no SOPClassUID", retryable=False)
-        syntaxes = wanted.setdefault(sop_class, [])
+        native.setdefault(sop_class, list(_NATIVE_SYNTAXES))
         ts = _transfer_syntax(ds)
-        candidates = [ts, *_NATIVE_SYNTAXES] if ts in _NATIVE_SYNTAXES else [ts]
-        for candidate in candidates:
-            if candidate not in syntaxes:
-                syntaxes.append(candidate)
-    return wanted
+        if ts not in _NATIVE_SYNTAXES and (sop_class, [ts]) not in compressed:
+            compressed.append((sop_class, [ts]))
+    return [*native.items(), *compressed]
 
 
 def _set_nodelay(event: evt.Event) -> None:
@@ -155,16 +173,21 @@ def _associate(
     ae.connection_timeout = timeout_s
     ae.maximum_pdu_size = 0
     contexts = _requested_contexts(datasets)
-    count = sum(1 for _ in contexts)
+    count = len(contexts)
     if count > MAX_PRESENTATION_CONTEXTS:
         raise SendError(f"too many SOP classes for one association: {count}", retryable=False)
-    for sop_class, syntaxes in contexts.items():
+    for sop_class, syntaxes in contexts:
         ae.add_requested_context(sop_class, syntaxes)
+    started = time.monotonic()
+    connected: list[bool] = []
     assoc = ae.associate(
         dest.host,
         dest.port,
         ae_title=dest.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay)],
+        evt_handlers=[
+            (evt.EVT_CONN_OPEN, _set_nodelay),
+            (evt.EVT_CONN_OPEN, lambda _event: connected.append(True)),
+        ],
         tls_args=None if ssl_context is None else (ssl_context, dest.host),
     )
     if assoc.is_established:
@@ -174,18 +197,157 @@ def _associate(
         primitive = assoc.acceptor.primitive
         result = None if primitive is None else primitive.result
         reason = "" if primitive is None else f" ({primitive.result_str}, {primitive.reason_str})"
-        raise SendError(f"association rejected by {where}{reason}", retryable=result == 0x02)
+        raise SendError(
+            f"association rejected by {where}{reason}",
+            retryable=result == 0x02,
+            association_failed=True,
+        )
     if assoc.rejected_contexts and not assoc.accepted_contexts:
         refused = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
         raise SendError(
-            f"{where} accepted none of the proposed SOP classes/transfer syntaxes: {refused}",
+            f"{where} refused every proposed SOP class/transfer syntax: {refused}",
             retryable=False,
             refused_sop_class=refused[0] if len(refused) == 1 else None,
+            association_failed=True,
         )
     how = " (TLS: handshake failed? check certificates)" if ssl_context is not None else ""
+    elapsed_s = time.monotonic() - started
+    if not connected:
+        raise SendError(
+            _connect_failure(where, elapsed_s, timeout_s) + how,
+            retryable=True,
+            association_failed=True,
+        )
+    if assoc.is_aborted and elapsed_s >= 0.9 * timeout_s:
+        raise SendError(
+            f"timed out after {elapsed_s:.1f} s waiting for {where} to answer the association "
+            f"request{how}",
+            retryable=True,
+            association_failed=True,
+        )
     if assoc.is_aborted:
-        raise SendError(f"association aborted by {where}{how}", retryable=True)
-    raise SendError(f"cannot connect to {where}{how}", retryable=True)
+        raise SendError(
+            f"association aborted by {where}{how}", retryable=True, association_failed=True
+        )
+    raise SendError(
+        _connect_failure(where, elapsed_s, timeout_s) + how,
+        retryable=True,
+        association_failed=True,
+    )
+
+
+def _connect_failure(where: str, elapsed_s: float, timeout_s: float) -> str:
+    """Say whether connecting timed out (no answer) or failed at once (refused/unreachable)."""
+    if elapsed_s >= 0.9 * timeout_s:
+        return f"timed out after {elapsed_s:.1f} s connecting to {where} (no answer)"
+    return f"connection to {where} refused or unreachable (after {elapsed_s:.1f} s)"
+
+
+def status_text(status: int) -> str:
+    """Return ``0xXXXX (Category)`` for a DIMSE status (PS3.7 Annex C)."""
+    return f"0x{status:04X} ({code_to_category(status)})"
+
+
+class StoreAssociation:
+    """An established association that carries any number of C-STOREs (PS3.7 9.1.1).
+
+    Each :meth:`store` raises :class:`SendError` for its own object; a failure of the
+    association itself (abort, timeout) has ``association_failed`` set.
+    """
+
+    def __init__(self, assoc: Association, dest: Destination) -> None:
+        self._assoc = assoc
+        self._dest = dest
+
+    @property
+    def is_alive(self) -> bool:
+        """True while the association is established."""
+        return bool(self._assoc.is_established)
+
+    def accepts(self, sop_class_uid: str, transfer_syntax_uid: str) -> bool:
+        """Return True when a context for this class and syntax was accepted."""
+        return any(
+            str(cx.abstract_syntax) == sop_class_uid
+            and str(cx.transfer_syntax[0]) == transfer_syntax_uid
+            for cx in self._assoc.accepted_contexts
+        )
+
+    def store(self, ds: Dataset) -> int:
+        """C-STORE ``ds``; return the (success or warning) status."""
+        ds = _with_transfer_syntax(ds)
+        sop_class, ts = str(ds.get("SOPClassUID", "")), str(_transfer_syntax(ds))
+        sop_uid = str(ds.get("SOPInstanceUID", ""))
+        name = self._dest.ae_title
+        if not self.is_alive:
+            raise SendError(
+                f"association with {name} ended before {sop_uid} (aborted or timed out)",
+                retryable=True,
+                association_failed=True,
+            )
+        if not self.accepts(sop_class, ts):
+            native_ok = any(self.accepts(sop_class, str(n)) for n in _NATIVE_SYNTAXES)
+            raise SendError(
+                f"{name} refused transfer syntax {UID(ts).name} for {UID(sop_class).name}"
+                if native_ok
+                else f"{name} refused SOP class {UID(sop_class).name} ({sop_class})",
+                retryable=False,
+                refused_sop_class=None if native_ok else sop_class,
+                refused_transfer_syntax=ts if native_ok else None,
+            )
+        rsp = self._assoc.send_c_store(ds)
+        if "Status" not in rsp:
+            raise SendError(
+                f"no C-STORE response from {name} for {sop_uid} (timed out or aborted)",
+                retryable=True,
+                association_failed=True,
+            )
+        status = int(rsp.Status)
+        if not statuses.is_success_or_warning(status):
+            comment = str(rsp.get("ErrorComment", "")).strip()
+            raise SendError(
+                f"{name} rejected {sop_uid} with status {status_text(status)}"
+                + (f": {comment}" if comment else ""),
+                retryable=statuses.is_retryable_failure(status),
+                status=status,
+                refused_sop_class=sop_class if status == SOP_CLASS_NOT_SUPPORTED else None,
+            )
+        if status != statuses.SUCCESS:
+            logger.warning(
+                "C-STORE warning status",
+                extra={"status": status, "sop_instance_uid": sop_uid, "dest": name},
+            )
+        return status
+
+
+@contextmanager
+def open_association(
+    dest: Destination,
+    datasets: Sequence[Dataset],
+    *,
+    calling_ae: str = "RADFLAG",
+    timeout_s: float = 30,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Iterator[StoreAssociation]:
+    """Open one association able to carry ``datasets``; release it (or abort) on exit.
+
+    Raises
+    ------
+    SendError
+        With ``association_failed`` when it cannot be established (refused, timed out,
+        rejected with reason, or none of the proposed contexts accepted).
+    """
+    prepared = [_with_transfer_syntax(ds) for ds in datasets]
+    assoc = _associate(dest, prepared, calling_ae, timeout_s, ssl_context)
+    clean = False
+    try:
+        yield StoreAssociation(assoc, dest)
+        clean = True
+    finally:
+        if assoc.is_established:
+            if clean:
+                assoc.release()
+            else:
+                assoc.abort()
 
 
 def send_datasets(
@@ -223,50 +385,12 @@ def send_datasets(
     """
     if not datasets:
         return
-    prepared = [_with_transfer_syntax(ds) for ds in datasets]
-    assoc = _associate(dest, prepared, calling_ae, timeout_s, ssl_context)
-    released = False
-    try:
-        for ds in prepared:
-            sop_uid = str(ds.get("SOPInstanceUID", ""))
-            try:
-                rsp = assoc.send_c_store(ds)
-            except ValueError as exc:  # no accepted presentation context for this dataset
-                raise SendError(
-                    f"{dest.ae_title} did not accept {ds.get('SOPClassUID')} in "
-                    f"{_transfer_syntax(ds)}: {exc}",
-                    retryable=False,
-                    refused_sop_class=str(ds.get("SOPClassUID", "")) or None,
-                ) from exc
-            if "Status" not in rsp:
-                raise SendError(
-                    f"no C-STORE response from {dest.ae_title} (timeout or abort)", retryable=True
-                )
-            status = int(rsp.Status)
-            if not statuses.is_success_or_warning(status):
-                comment = str(rsp.get("ErrorComment", "")).strip()
-                raise SendError(
-                    f"{dest.ae_title} answered 0x{status:04X} for {sop_uid}"
-                    + (f": {comment}" if comment else ""),
-                    retryable=statuses.is_retryable_failure(status),
-                    status=status,
-                    refused_sop_class=(
-                        str(ds.get("SOPClassUID", ""))
-                        if status == SOP_CLASS_NOT_SUPPORTED
-                        else None
-                    ),
-                )
-            if status != statuses.SUCCESS:
-                logger.warning(
-                    "C-STORE warning status",
-                    extra={"status": status, "sop_instance_uid": sop_uid, "dest": dest.ae_title},
-                )
-        assoc.release()
-        released = True
-    finally:
-        if not released and assoc.is_established:
-            assoc.abort()
+    with open_association(
+        dest, datasets, calling_ae=calling_ae, timeout_s=timeout_s, ssl_context=ssl_context
+    ) as session:
+        for ds in datasets:
+            session.store(ds)
     logger.info(
         "datasets sent",
-        extra={"count": len(prepared), "dest": dest.ae_title, "host": dest.host, "port": dest.port},
+        extra={"count": len(datasets), "dest": dest.ae_title, "host": dest.host, "port": dest.port},
     )

@@ -55,6 +55,7 @@ from highdicom.sr import (
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from dicom_io.revisions import ModelIdentity, algorithm_device_uid
 from dicom_io.uids import is_valid_uid
 
 RADFLAG_UID_NAMESPACE = uuid.UUID("5b1c3f0e-6d2a-4f57-9a43-2f8e1d6c7a10")
@@ -166,8 +167,21 @@ def result_uids(study_uid: str, model_name: str, model_version: str, kind: str) 
 
 
 def device_observer_uid(algorithm: AlgorithmInfo) -> str:
-    """Return the deterministic Device Observer UID (TID 1004) of an algorithm."""
-    return _name_based_uid("radflag-device", algorithm.name, algorithm.version)
+    """Return the Device Observer UID (TID 1004) of an algorithm.
+
+    The same UID as the algorithm's Contributing Equipment Device UID
+    (:func:`dicom_io.revisions.algorithm_device_uid`): it changes when the weights change.
+    """
+    return algorithm_device_uid(model_identity(algorithm))
+
+
+def model_identity(algorithm: AlgorithmInfo) -> ModelIdentity:
+    """Return the identity (name, version, weights sha256) of ``algorithm``."""
+    return ModelIdentity(
+        name=algorithm.name,
+        version=algorithm.version,
+        weights_sha256=algorithm.weights_sha256 or "unknown",
+    )
 
 
 def _procedure(sources: Sequence[Dataset]) -> CodedConcept:
@@ -356,10 +370,27 @@ def as_comprehensive_sr(sr: Dataset) -> Dataset:
     out = copy.deepcopy(sr)
     out.SOPClassUID = SRStorageClass.COMPREHENSIVE.value
     out.SOPInstanceUID = comprehensive_sr_uid(str(sr.SOPInstanceUID))
+    _predecessors_as_comprehensive(out)
     if getattr(out, "file_meta", None) is not None:
         out.file_meta.MediaStorageSOPClassUID = out.SOPClassUID
         out.file_meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
     return out
+
+
+def _predecessors_as_comprehensive(sr: Dataset) -> None:
+    """Point the Predecessor Documents of a converted SR at the predecessors' converted twins.
+
+    A destination that gets Comprehensive SR holds the Comprehensive SR variant of the
+    previous revision, not the 3D original (PS3.3 C.17.2).
+    """
+    for study in sr.get("PredecessorDocumentsSequence", []):
+        for series in study.get("ReferencedSeriesSequence", []):
+            for sop in series.get("ReferencedSOPSequence", []):
+                if str(sop.ReferencedSOPClassUID) == SRStorageClass.COMPREHENSIVE_3D.value:
+                    sop.ReferencedSOPClassUID = SRStorageClass.COMPREHENSIVE.value
+                    sop.ReferencedSOPInstanceUID = comprehensive_sr_uid(
+                        str(sop.ReferencedSOPInstanceUID)
+                    )
 
 
 def _has_value_type(item: Dataset, value_type: str) -> bool:
@@ -468,6 +499,7 @@ __all__ = [
     "build_sr",
     "comprehensive_sr_uid",
     "device_observer_uid",
+    "model_identity",
     "read_sr",
     "result_uids",
 ]

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.ingest import NewInstance, PatientIdPolicy, record_instance
 from db.models import AuditEvent, Delivery, DeliveryAttempt, Study, utcnow
-from db.outbox import BackoffPolicy, DeliveryState, due_deliveries, record_attempt
+from db.outbox import BackoffPolicy, DeliveryState, claim_due, due_deliveries, record_attempt
 from db.queries import audit_trail, list_studies
 from db.queue import LeaseLost, claim_next, expire_leases, finish_failed, mark_ready
 from db.results import OutputRecord, ResultRecord, record_classification
@@ -93,6 +93,7 @@ def test_full_lifecycle_and_audit_order(sessions: sessionmaker[Session]) -> None
     assert [d.sop_instance_uid for d in due] == ["2.25.2"]
     policy = BackoffPolicy(base_s=0.0, max_attempts=3)
     started = utcnow()
+    assert claim_due(sessions, "s1", lease_s=60) == due
     state = record_attempt(
         sessions,
         due[0].delivery_id,
@@ -101,8 +102,10 @@ def test_full_lifecycle_and_audit_order(sessions: sessionmaker[Session]) -> None
         error="refused",
         retryable=True,
         policy=policy,
+        owner="s1",
     )
     assert state is DeliveryState.PENDING
+    assert [c.attempts for c in claim_due(sessions, "s1", lease_s=60)] == [1]
     state = record_attempt(
         sessions,
         due[0].delivery_id,
@@ -111,6 +114,7 @@ def test_full_lifecycle_and_audit_order(sessions: sessionmaker[Session]) -> None
         error=None,
         retryable=True,
         policy=policy,
+        owner="s1",
     )
     assert state is DeliveryState.SENT
     events = [e.event_type for e in audit_trail(sessions, "1.2.3.4")]
@@ -174,6 +178,7 @@ def test_dead_letter_after_max_attempts(sessions: sessionmaker[Session]) -> None
     (due,) = due_deliveries(sessions)
     policy = BackoffPolicy(base_s=0.0, max_attempts=2)
     for expected in (DeliveryState.PENDING, DeliveryState.DEAD):
+        assert [c.delivery_id for c in claim_due(sessions, "s1", lease_s=60)] == [due.delivery_id]
         got = record_attempt(
             sessions,
             due.delivery_id,
@@ -182,6 +187,7 @@ def test_dead_letter_after_max_attempts(sessions: sessionmaker[Session]) -> None
             error="timeout",
             retryable=True,
             policy=policy,
+            owner="s1",
         )
         assert got is expected
     with sessions() as s:

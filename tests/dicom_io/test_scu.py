@@ -90,7 +90,19 @@ def test_send_sr_to_storescp(storescp: tuple[int, Path]) -> None:
 def test_closed_port_is_retryable() -> None:
     with pytest.raises(SendError) as info:
         send_datasets(Destination("DEST", "127.0.0.1", free_port()), [make_dx()], timeout_s=5)
-    assert info.value.retryable
+    assert info.value.retryable and info.value.association_failed
+    assert "refused or unreachable" in str(info.value)
+
+
+def test_silent_peer_is_reported_as_timed_out() -> None:
+    with socket.socket() as silent:  # accepts (backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        dest = Destination("DEST", "127.0.0.1", silent.getsockname()[1])
+        with pytest.raises(SendError) as info:
+            send_datasets(dest, [make_dx()], timeout_s=1.5)
+    assert info.value.retryable and info.value.association_failed
+    assert "timed out after" in str(info.value)
 
 
 def test_rejected_association_is_permanent(tmp_path: Path) -> None:
@@ -119,6 +131,7 @@ def test_out_of_resources_status_is_retryable(running_listener: RunningListener)
         )
     assert info.value.retryable
     assert info.value.status == statuses.OUT_OF_RESOURCES
+    assert "with status 0xA700 (Failure)" in str(info.value)
 
 
 def test_unsupported_sop_class_is_permanent(running_listener: RunningListener) -> None:

@@ -49,9 +49,16 @@ class ServeProcess:
 
 
 def write_config(
-    path: Path, data_dir: Path, port: int, destinations: list[tuple[str, str, int]]
+    path: Path,
+    data_dir: Path,
+    port: int,
+    destinations: list[tuple[str, str, int]],
+    delivery: dict[str, float] | None = None,
 ) -> Path:
-    """A radflag TOML config for tests: fast timers, SQLite under ``data_dir``."""
+    """A radflag TOML config for tests: fast timers, SQLite under ``data_dir``.
+
+    ``delivery`` adds numeric ``[delivery]`` settings (e.g. ``claim_lease_s``).
+    """
     lines = [
         "[listener]",
         'ae_title = "RADFLAG"',
@@ -72,6 +79,7 @@ def write_config(
         "[delivery]",
         "backoff_base_s = 1.0",
         "check_interval_s = 0.5",
+        *(f"{key} = {value}" for key, value in (delivery or {}).items()),
     ]
     for name, aet, dport in destinations:
         lines += [
@@ -86,15 +94,21 @@ def write_config(
 
 
 def launch_serve(
-    ns: NetNamespace, tmp_path: Path, destinations: list[tuple[str, str, int]]
+    ns: NetNamespace,
+    tmp_path: Path,
+    destinations: list[tuple[str, str, int]],
+    delivery: dict[str, float] | None = None,
 ) -> ServeProcess:
-    """Start ``radflag serve`` inside ``ns``; return once it answers C-ECHO (caller stops it)."""
+    """Start ``radflag serve`` inside ``ns``; return once it answers C-ECHO (caller stops it).
+
+    A second launch with the same ``tmp_path`` reuses the database and spool (a restart).
+    """
     if not RADFLAG.exists():
         pytest.skip(f"{RADFLAG} not installed (pip install -e .)")
     data_dir = tmp_path / "radflag-data"
     port = ns.free_port()
-    cfg = write_config(tmp_path / "radflag.toml", data_dir, port, destinations)
-    log_path = tmp_path / "radflag.log"
+    cfg = write_config(tmp_path / "radflag.toml", data_dir, port, destinations, delivery)
+    log_path = tmp_path / f"radflag-{port}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADFLAG_")}
     with log_path.open("wb") as log:
         proc = ns.popen(

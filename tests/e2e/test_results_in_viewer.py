@@ -1,8 +1,9 @@
 """Orthanc as the PACS/viewer: a pushed study gets its SR and heatmap SC back into the same
-study; re-processing it (a late image) replaces both instead of adding copies.
+study; re-processing it (a late image) adds a new revision beside the old one.
 
-The PACS must accept a new object with an existing SOP Instance UID as a replacement; Orthanc
-does so with ``"OverwriteInstances": true`` (documented in the README).
+Orthanc runs with its DEFAULT configuration (no ``OverwriteInstances``): a changed result is
+a new SOP instance (PS3.3 C.17.2), so nothing depends on the PACS overwriting. Afterwards
+Orthanc holds both SRs, the newer naming the older in its Predecessor Documents Sequence.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pydicom.filebase import DicomBytesIO
 
 from db.engine import make_engine, make_session_factory
 from db.queries import audit_trail
+from dicom_io.revisions import predecessor_of
 from dicom_io.sr import read_sr
 from tests.conftest import shared_path
 from tests.e2e.conftest import launch_serve
@@ -35,9 +37,7 @@ SC = "1.2.840.10008.5.1.4.1.1.7"
 def pacs(netns: NetNamespace, tmp_path: Path) -> Iterator[OrthancPeer]:  # noqa: F811
     if not orthanc_available():
         pytest.skip("Orthanc not installed (/usr/sbin/Orthanc)")
-    with OrthancPeer(
-        tmp_path / "orthanc", ns=netns, extra_config={"OverwriteInstances": True}
-    ) as peer:
+    with OrthancPeer(tmp_path / "orthanc", ns=netns) as peer:  # default configuration
         yield peer
 
 
@@ -56,7 +56,7 @@ def _wait(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-un
         time.sleep(0.5)
 
 
-def test_sr_and_sc_land_in_orthanc_and_are_replaced_on_reprocessing(
+def test_sr_and_sc_land_in_orthanc_and_reprocessing_adds_a_revision(
     netns: NetNamespace,  # noqa: F811
     pacs: OrthancPeer,
     tmp_path: Path,
@@ -101,13 +101,18 @@ def test_sr_and_sc_land_in_orthanc_and_are_replaced_on_reprocessing(
             return events.count("STUDY_DONE") == 2
 
         _wait(done_twice, 120, "re-processed study DONE")
+        _wait(lambda: len(_results(pacs, study.study_uid).get(SR_3D, [])) == 2, 30, "second SR")
         second = _results(pacs, study.study_uid)
-        assert len(second[SR_3D]) == 1 and len(second[SC]) == 1
+        assert len(second[SR_3D]) == 2 and len(second[SC]) == 2
         image_class = str(dcmread(study.paths[0], stop_before_pixels=True).SOPClassUID)
         assert len(second[image_class]) == 3  # 2 + the late image
-        sr_v2 = dcmread(DicomBytesIO(pacs.download(second[SR_3D][0])))
-        assert sr_v2.SOPInstanceUID == sr_v1.SOPInstanceUID
-        assert len(read_sr(sr_v2).source_sop_instance_uids) == 3  # the replacement, not v1
+        srs = [dcmread(DicomBytesIO(pacs.download(i))) for i in second[SR_3D]]
+        (sr_v2,) = [ds for ds in srs if ds.SOPInstanceUID != sr_v1.SOPInstanceUID]
+        assert len(read_sr(sr_v2).source_sop_instance_uids) == 3  # the revision sees 3 images
+        (pred,) = predecessor_of(sr_v2)
+        assert pred.sop_instance_uid == sr_v1.SOPInstanceUID
+        assert pred.series_instance_uid == sr_v1.SeriesInstanceUID
+        assert "PredecessorDocumentsSequence" not in sr_v1
         assert serve.stop() == 0
     finally:
         serve.stop()
