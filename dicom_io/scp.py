@@ -522,6 +522,8 @@ _POLL_S = 0.25
 """Accept-loop poll interval; the stall watchdog runs once per poll."""
 _BEFORE_REQUEST = frozenset({"Sta2", "Sta13"})
 """PS3.8 states of an acceptor that has not (successfully) received an A-ASSOCIATE-RQ."""
+_NOTHING_TO_ABORT = frozenset({"Sta1", "Sta2", "Sta13"})
+"""PS3.8 states in which a stalled connection is closed without an A-ABORT (cf. AA-2)."""
 
 
 class _BusyAssociations:
@@ -712,9 +714,12 @@ def _end_stalled(assoc: Any) -> None:
         return
     logger.warning(
         "ending a stalled association (network timeout)",
-        extra={"established": bool(assoc.is_established), **_peer_of(assoc)},
+        extra={"state": str(assoc.dul.state_machine.current_state), **_peer_of(assoc)},
     )
-    if assoc.is_established and not isinstance(sock, ssl.SSLSocket):
+    # pynetdicom may already have marked it not established (its own idle abort is queued
+    # behind the blocked read), so ask the state machine: Sta1/Sta2/Sta13 have nothing to abort.
+    state = str(assoc.dul.state_machine.current_state)
+    if state not in _NOTHING_TO_ABORT and not isinstance(sock, ssl.SSLSocket):
         with contextlib.suppress(OSError):
             sock.send(PROVIDER_ABORT_PDU, socket.MSG_DONTWAIT)
     with contextlib.suppress(OSError):
