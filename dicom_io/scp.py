@@ -135,8 +135,8 @@ class ListenerConfig:
     max_associations
         Maximum concurrent associations.
     max_associations_per_peer
-        Maximum concurrent connections from one source address; None: half of
-        ``max_associations`` (at least 1). Must not exceed ``max_associations``.
+        Maximum concurrent connections from one source address (capped at
+        ``max_associations``); further ones are refused at once.
     max_pdu_bytes
         Maximum PDU length we receive (PS3.8 D.3.3.2.1); 0 means unlimited.
     acse_timeout_s, dimse_timeout_s, network_timeout_s
@@ -154,7 +154,7 @@ class ListenerConfig:
     port: int = 11112
     allowed_calling_aes: tuple[str, ...] = ()
     max_associations: int = 16
-    max_associations_per_peer: int | None = None
+    max_associations_per_peer: int = 8
     max_pdu_bytes: int = 0
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
@@ -172,10 +172,9 @@ class ListenerConfig:
             raise ValueError(f"port must be 0-65535, got {self.port}")
         if self.max_associations < 1:
             raise ValueError(f"max_associations must be >= 1, got {self.max_associations}")
-        per_peer = self.max_associations_per_peer
-        if per_peer is not None and not 1 <= per_peer <= self.max_associations:
+        if self.max_associations_per_peer < 1:
             raise ValueError(
-                f"max_associations_per_peer must be 1-{self.max_associations}, got {per_peer}"
+                f"max_associations_per_peer must be >= 1, got {self.max_associations_per_peer}"
             )
         if self.max_pdu_bytes != 0 and self.max_pdu_bytes < 4096:
             raise ValueError(f"max_pdu_bytes must be 0 or >= 4096, got {self.max_pdu_bytes}")
@@ -186,9 +185,7 @@ class ListenerConfig:
     @property
     def per_peer_limit(self) -> int:
         """The effective per-source-address connection limit."""
-        if self.max_associations_per_peer is not None:
-            return self.max_associations_per_peer
-        return max(1, self.max_associations // 2)
+        return min(self.max_associations_per_peer, self.max_associations)
 
 
 @dataclass(frozen=True)
@@ -516,6 +513,8 @@ PROVIDER_ABORT_PDU = _provider_abort_pdu()
 
 _REFUSE_DRAIN_S = 1.0
 """How long a refused connection is read (and discarded) after the A-ASSOCIATE-RJ."""
+_ADMIT_GRACE_S = 0.25
+"""How long a connection above its peer's limit waits for one of the peer's slots to free."""
 _STALL_GRACE_S = 0.5
 """How long past its network timeout an association may take to end by itself."""
 _POLL_S = 0.25
@@ -630,16 +629,11 @@ class _GuardedServer(ThreadedAssociationServer):
         return sock, address
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Serve the connection in a thread, or refuse it above the per-peer limit."""
+        """Serve the connection in a thread; above the per-peer limit, see :meth:`_overflow`."""
         host = str(client_address[0])
-        with self._lock:
-            admitted = self._per_peer[host] < self.policy.per_peer_limit
-            if admitted:
-                self._per_peer[host] += 1
-        if not admitted:
-            plain = not isinstance(request, ssl.SSLSocket)
+        if not self._admit(host):
             threading.Thread(
-                target=self._refuse, args=(request, host, plain), daemon=True
+                target=self._overflow, args=(request, client_address), daemon=True
             ).start()
             return
         try:
@@ -670,6 +664,29 @@ class _GuardedServer(ThreadedAssociationServer):
                 _end_stalled(assoc)
                 self._expired_since[assoc] = float("inf")  # once
 
+    def _admit(self, host: str) -> bool:
+        with self._lock:
+            if self._per_peer[host] >= self.policy.per_peer_limit:
+                return False
+            self._per_peer[host] += 1
+            return True
+
+    def _overflow(self, request: Any, client_address: Any) -> None:
+        """Serve a connection above the per-peer limit if a slot of its peer frees soon.
+
+        A sender that opens its next association right after a release may arrive before
+        the previous connection's thread has ended; it waits up to ``_ADMIT_GRACE_S``.
+        Otherwise it is refused (:meth:`_refuse`).
+        """
+        host = str(client_address[0])
+        deadline = time.monotonic() + _ADMIT_GRACE_S
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+            if self._admit(host):
+                self.process_request_thread(request, client_address)
+                return
+        self._refuse(request, host, plain=not isinstance(request, ssl.SSLSocket))
+
     def _release(self, host: str) -> None:
         with self._lock:
             self._per_peer[host] -= 1
@@ -687,6 +704,7 @@ class _GuardedServer(ThreadedAssociationServer):
 
     def _refuse(self, request: socket.socket, host: str, plain: bool) -> None:
         """A-ASSOCIATE-RJ (transient, local-limit-exceeded), drain briefly, close."""
+        self.policy.on_refused(host)
         try:
             request.settimeout(_REFUSE_DRAIN_S)
             if plain:  # a TLS peer is not worth a handshake: it only sees the close
@@ -699,11 +717,19 @@ class _GuardedServer(ThreadedAssociationServer):
             pass
         finally:
             request.close()
-        self.policy.on_refused(host)
 
 
 def _end_stalled(assoc: Any) -> None:
-    """End an association whose PDU has not completed in time (A-ABORT, then close).
+    """End an association whose PDU has not completed in time (A-ABORT, then close)."""
+    logger.warning(
+        "ending a stalled association (network timeout)",
+        extra={"state": str(assoc.dul.state_machine.current_state), **_peer_of(assoc)},
+    )
+    _end_connection(assoc)
+
+
+def _end_connection(assoc: Any) -> None:
+    """Send A-ABORT (service-provider, PS3.8 9.3.8) if associated, then shut the socket.
 
     Shutting the socket down wakes pynetdicom's reader blocked in ``recv``; the state
     machine then sees the transport closed (Evt17) and frees the slot.
@@ -712,10 +738,6 @@ def _end_stalled(assoc: Any) -> None:
     sock = None if dul_socket is None else dul_socket.socket
     if sock is None:
         return
-    logger.warning(
-        "ending a stalled association (network timeout)",
-        extra={"state": str(assoc.dul.state_machine.current_state), **_peer_of(assoc)},
-    )
     # pynetdicom may already have marked it not established (its own idle abort is queued
     # behind the blocked read), so ask the state machine: Sta1/Sta2/Sta13 have nothing to abort.
     state = str(assoc.dul.state_machine.current_state)
@@ -861,9 +883,9 @@ class Listener:
         while server.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
         remaining = server.active_associations
-        for assoc in remaining:
+        for assoc in remaining:  # A-ABORT and close; never wait on a reader blocked in recv
             logger.warning("aborting association at shutdown", extra={"peer": _peer_of(assoc)})
-            assoc.abort()
+            _end_connection(assoc)
         for assoc in remaining:
             assoc.join(timeout=5)
         logger.info("listener stopped", extra={"aborted": len(remaining)})

@@ -10,6 +10,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
+from typing import Any, cast
 
 from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom.pdu import A_ASSOCIATE_RQ, P_DATA_TF
@@ -54,7 +55,7 @@ def with_calling_ae_bytes(rq: bytes, field: bytes) -> bytes:
 def p_data(payload: bytes, context_id: int = 1) -> bytes:
     """A P-DATA-TF PDU with one command fragment (last) carrying ``payload``."""
     primitive = P_DATA()
-    primitive.presentation_data_value_list = [[context_id, b"\x03" + payload]]
+    primitive.presentation_data_value_list = [cast(Any, [context_id, b"\x03" + payload])]
     pdu = P_DATA_TF()
     pdu.from_primitive(primitive)
     return bytes(pdu.encode())
