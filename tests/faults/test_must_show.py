@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
+from daemon.app import Radflag
+from daemon.settings import Settings
 from db.models import Result, Study
 from tests.daemon.conftest import PacsStandIn, make_settings, storescu, wait_until
 from tests.faults.conftest import NETWORK_TIMEOUT_S, WATCHDOG_SLACK_S
@@ -67,7 +70,7 @@ def _echo_loop(port: int, stop: threading.Event, results: list[int]) -> None:
 
 
 def test_stalled_pdus_do_not_stop_a_normal_sender(
-    tmp_path: Path, pacs: PacsStandIn, start_app
+    tmp_path: Path, pacs: PacsStandIn, start_app: Callable[[Settings], Radflag]
 ) -> None:
     if not dcmtk_available():
         pytest.skip("DCMTK not installed")
@@ -86,7 +89,7 @@ def test_stalled_pdus_do_not_stop_a_normal_sender(
     for thread in attack:
         thread.start()
     time.sleep(0.5)  # every attacker slot has its stalled PDU out before the push starts
-    echo_stop, echoes = threading.Event(), []
+    echo_stop, echoes = threading.Event(), list[int]()
     echo = threading.Thread(target=_echo_loop, args=(app.port, echo_stop, echoes), daemon=True)
     echo.start()
 
@@ -109,12 +112,12 @@ def test_stalled_pdus_do_not_stop_a_normal_sender(
     print(
         f"FIGURES stalled_connections={len(attacker.endings)} refused={attacker.refused} "
         f"max_stalled_lifetime_s={max(lifetimes):.2f} echoes={len(echoes)} "
-        f"echo_failures={sum(1 for rc in echoes if rc)} studies_acknowledged="
-        f"{sum(1 for p in pushed if p.returncode == 0)} done={_states(app).get('DONE', 0)}"
+        f"echo_failures={len([rc for rc in echoes if rc])} studies_acknowledged="
+        f"{len([p for p in pushed if p.returncode == 0])} done={_states(app).get('DONE', 0)}"
     )
 
 
-def _states(app) -> dict[str, int]:  # type: ignore[no-untyped-def]
+def _states(app: Radflag) -> dict[str, int]:
     with app.sessions() as s:
         rows = s.execute(select(Study.state, func.count()).group_by(Study.state)).all()
     return {str(state): int(n) for state, n in rows}
