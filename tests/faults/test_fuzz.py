@@ -4,7 +4,8 @@ radflag runs in-process (listener, SQLite, worker with a tiny real network); the
 come from :mod:`tests.faults.fuzz`. Figures (printed as ``FIGURES``): unanswered (no
 C-STORE response), crashed (handler bugs: "internal error" answers or logged handler
 exceptions; a listener that stops answering C-ECHO), lost (acknowledged but without its
-row or its exact bytes on disk), duplicated (more than one result for a study), stuck
+row or its exact bytes on disk), duplicated (two results of one study from the same
+images; a late instance legitimately makes a new revision), stuck
 (a study with an acknowledged instance that is not DONE, NOT_APPLICABLE or FAILED after
 the processing window).
 """
@@ -65,6 +66,8 @@ CONTEXTS = [
 class Outcome:
     mutant: Mutant
     status: int | None  # None: no response
+    elapsed_s: float = 0.0
+    established: bool = True
 
 
 def _associations(port: int, mutants: list[Mutant]) -> Iterator[tuple[Mutant, Association]]:
@@ -96,10 +99,12 @@ def _send(port: int, mutants: list[Mutant], work: Path) -> list[Outcome]:
     for i, (mutant, assoc) in enumerate(_associations(port, mutants)):
         path = mutant.write(work / f"m{i:04d}.dcm")
         status: int | None = None
-        if assoc.is_established:
+        began = time.monotonic()
+        established = assoc.is_established
+        if established:
             rsp = assoc.send_c_store(path)
             status = int(rsp.Status) if "Status" in rsp else None
-        outcomes.append(Outcome(mutant, status))
+        outcomes.append(Outcome(mutant, status, time.monotonic() - began, established))
         path.unlink()
     return outcomes
 
@@ -136,7 +141,7 @@ def test_thousand_fuzzed_data_sets(
     work.mkdir()
 
     started = time.monotonic()
-    with caplog.at_level(logging.ERROR, logger="dicom_io.scp"):
+    with caplog.at_level(logging.ERROR):
         outcomes = _send(app.port, mutants, work)
     send_s = time.monotonic() - started
 
@@ -152,9 +157,13 @@ def test_thousand_fuzzed_data_sets(
     crashed = [r for r in caplog.records if "unexpected error in C-STORE handler" in r.getMessage()]
     lost = _lost(app, tmp_path / "spool", acked)
     with app.sessions() as s:
-        results = Counter(s.scalars(select(Result.study_id)).all())
+        results = Counter(
+            (study_id, tuple(sorted(images)))
+            for study_id, images in s.execute(select(Result.study_id, Result.images)).tuples()
+        )
         instance_rows = s.scalar(select(func.count()).select_from(Instance))
-    duplicated = [k for k, n in results.items() if n > 1]
+    duplicated = [k for k, n in results.items() if n > 1]  # same study, same images, twice
+    sink_down = [r for r in caplog.records if "database unavailable" in r.getMessage()]
     by_kind: dict[str, Counter[str]] = {}
     for o in outcomes:
         by_kind.setdefault(o.mutant.kind, Counter())[
@@ -166,8 +175,13 @@ def test_thousand_fuzzed_data_sets(
         f"FIGURES sent={len(outcomes)} send_s={send_s:.1f} unanswered={len(unanswered)} "
         f"crashed={len(crashed)} acknowledged={len(acked)} instance_rows={instance_rows} "
         f"lost={len(lost)} duplicated_results={len(duplicated)} studies={len(acked_studies)} "
+        f"sink_unavailable={len(sink_down)} "
         f"terminal={dict(states)}"
     )
+    slowest = max(outcomes, key=lambda o: o.elapsed_s)
+    print(f"FIGURES slowest_answer_s={slowest.elapsed_s:.2f} ({slowest.mutant.kind})")
+    for o in unanswered:
+        print(f"FIGURES unanswered {o.mutant.kind} after {o.elapsed_s:.2f}s assoc={o.established}")
     for kind, statuses in sorted(by_kind.items()):
         print(f"FIGURES {kind}: {dict(statuses)}")
     assert send_s <= SEND_BUDGET_S
