@@ -33,7 +33,8 @@ reason 2). Unsupported SOP classes are refused at presentation-context negotiati
 Hostile and broken peers (:class:`_GuardedServer`): no peer holds a slot for long.
 
 * one source address holds at most ``max_associations_per_peer`` connections; a further
-  connection from it is answered at once with A-ASSOCIATE-RJ (rejected-transient,
+  connection from it waits up to 0.25 s for one of them to end (a sender re-associating
+  right after a release), else it is answered with A-ASSOCIATE-RJ (rejected-transient,
   service-provider presentation, local-limit-exceeded) and closed without taking a slot;
 * a PDU (or the A-ASSOCIATE-RQ) that is not complete ``network_timeout_s`` after the last
   complete PDU -- a stalled or trickling sender -- ends the association: an established one
