@@ -54,4 +54,3 @@ def test_stalled_tls_handshakes_do_not_block_other_senders(
     assert echo_s < NETWORK_TIMEOUT_S  # not queued behind the stalled handshakes
     assert all(e.closed for e in ends)
     assert max(e.elapsed_s for e in ends) <= 2 * NETWORK_TIMEOUT_S + WATCHDOG_SLACK_S
-
