@@ -178,6 +178,17 @@ def test_thousand_fuzzed_data_sets(
         f"sink_unavailable={len(sink_down)} "
         f"terminal={dict(states)}"
     )
+    with app.sessions() as s:
+        ended = s.execute(
+            select(Study.state, Study.failure_reason).where(
+                Study.study_instance_uid.in_(acked_studies)
+            )
+        ).tuples()
+        reasons = Counter(
+            f"{state}: {(reason or '').split(' of ')[0].split(':')[0]}" for state, reason in ended
+        )
+        quarantined = s.scalar(select(func.count()).where(Instance.quarantined.is_(True)))
+    print(f"FIGURES quarantined_instances={quarantined} study_reasons={dict(reasons)}")
     slowest = max(outcomes, key=lambda o: o.elapsed_s)
     print(f"FIGURES slowest_answer_s={slowest.elapsed_s:.2f} ({slowest.mutant.kind})")
     for o in unanswered:
@@ -190,6 +201,7 @@ def test_thousand_fuzzed_data_sets(
     assert lost == []
     assert duplicated == []
     assert instance_rows == len(acked)
+    assert not [r for r in reasons if r.startswith("FAILED") and r == "FAILED: "]  # with a reason
     assert echo_rc == 0
     assert all(o.status not in ACKNOWLEDGED for o in outcomes if o.mutant.kind == "wrong_identity")
     assert all(o.status in ACKNOWLEDGED for o in outcomes if o.mutant.kind == "odd_ae_title")
