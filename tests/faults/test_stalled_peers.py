@@ -168,3 +168,12 @@ def test_stall_watchdog_spares_a_slow_store_handler(guarded: Guarded) -> None:
     assoc.release()
     assert status.Status == 0x0000
     assert [i.sop_instance_uid for i in sink.stored] == [ds.SOPInstanceUID]
+
+
+def test_per_peer_limit_is_capped_by_the_global_limit() -> None:
+    from dicom_io.scp import ListenerConfig
+
+    assert ListenerConfig(ae_title="RADFLAG", max_associations=4).per_peer_limit == 4
+    assert ListenerConfig(ae_title="RADFLAG", max_associations_per_peer=3).per_peer_limit == 3
+    with pytest.raises(ValueError, match="max_associations_per_peer"):
+        ListenerConfig(ae_title="RADFLAG", max_associations_per_peer=0)
