@@ -23,6 +23,8 @@ A_ABORT = 0x07
 LIMIT_REJECT = bytes.fromhex("03 00 00000004 00 02 03 02")
 """A-ASSOCIATE-RJ: rejected-transient, service-provider (presentation), local-limit-exceeded."""
 Guarded = Callable[..., RunningListener]
+AT_ONCE_S = 3.0
+"""'At once' on a loaded CI box: a tenth of the 30 s ACSE timeout the old listener waited."""
 
 
 def _wait_free(running: RunningListener, timeout_s: float) -> float:
@@ -51,7 +53,7 @@ def test_half_sent_associate_request_is_closed_within_network_timeout(guarded: G
     assert ending.closed
     assert ending.pdu_types() == []  # no association yet: closed, not aborted (PS3.8 AA-2)
     assert NETWORK_TIMEOUT_S - 0.2 <= ending.elapsed_s <= NETWORK_TIMEOUT_S + WATCHDOG_SLACK_S
-    _wait_free(running, 1.0)
+    _wait_free(running, AT_ONCE_S)
 
 
 def test_half_sent_p_data_is_aborted_within_network_timeout(guarded: Guarded) -> None:
@@ -66,7 +68,7 @@ def test_half_sent_p_data_is_aborted_within_network_timeout(guarded: Guarded) ->
     assert ending.pdu_types() == [A_ABORT]
     assert ending.received[8:10] == b"\x02\x00"  # source: service-provider, reason 0 (PS3.8 9.3.8)
     assert ending.elapsed_s <= NETWORK_TIMEOUT_S + WATCHDOG_SLACK_S
-    _wait_free(running, 1.0)
+    _wait_free(running, AT_ONCE_S)
     assert ListenerEventKind.ASSOCIATION_ABORTED in running.kinds()
 
 
@@ -80,7 +82,7 @@ def test_trickling_request_cannot_hold_a_slot(guarded: Guarded) -> None:
             peer.send(rq[i : i + 1])
             time.sleep(0.25)
     assert time.monotonic() - peer.opened <= NETWORK_TIMEOUT_S + WATCHDOG_SLACK_S + 0.5
-    _wait_free(running, 1.0)
+    _wait_free(running, AT_ONCE_S)
 
 
 @pytest.mark.parametrize(
@@ -98,8 +100,8 @@ def test_malformed_ae_title_is_aborted_and_frees_its_slot_at_once(
     ending = peer.wait_end(timeout_s=5)
 
     assert ending.pdu_types() == [A_ABORT] and ending.closed
-    assert ending.elapsed_s < 1.0
-    assert _wait_free(running, 1.0) < 1.0
+    assert ending.elapsed_s < AT_ONCE_S
+    _wait_free(running, AT_ONCE_S)
 
 
 @pytest.mark.parametrize(
@@ -113,7 +115,7 @@ def test_abandoned_connection_frees_its_slot_at_once(guarded: Guarded, goodbye: 
     if goodbye:
         peer.send(goodbye)
     peer.close()
-    assert _wait_free(running, 1.0) < 1.0
+    _wait_free(running, AT_ONCE_S)
 
 
 def test_one_peer_cannot_take_every_slot(guarded: Guarded) -> None:
@@ -130,7 +132,7 @@ def test_one_peer_cannot_take_every_slot(guarded: Guarded) -> None:
     echo_rc = _echo(running.port)  # DCMTK from 127.0.0.1: another peer
 
     assert refused.received == LIMIT_REJECT
-    assert refused.closed and refused.elapsed_s < 1.0
+    assert refused.closed and refused.elapsed_s < AT_ONCE_S
     assert echo_rc == 0
     rejected = [d for k, d in running.events if k == ListenerEventKind.ASSOCIATION_REJECTED]
     assert [(d["peer_host"], d["reason"]) for d in rejected] == [
@@ -138,7 +140,7 @@ def test_one_peer_cannot_take_every_slot(guarded: Guarded) -> None:
     ]
     ends = [peer.wait_end(timeout_s=NETWORK_TIMEOUT_S * 4) for peer in stalled]
     assert all(e.closed and e.elapsed_s <= NETWORK_TIMEOUT_S + WATCHDOG_SLACK_S for e in ends)
-    _wait_free(running, 1.0)
+    _wait_free(running, AT_ONCE_S)
     late = RawPeer(running.port)  # the slots are back: the same address is served again
     late.associate()
     late.close()
