@@ -164,6 +164,7 @@ class Radflag:
                 port=lst.port,
                 allowed_calling_aes=tuple(lst.allowed_calling_aes),
                 max_associations=lst.max_associations,
+                max_associations_per_peer=lst.max_associations_per_peer,
                 max_pdu_bytes=lst.max_pdu_bytes,
                 acse_timeout_s=lst.acse_timeout_s,
                 dimse_timeout_s=lst.dimse_timeout_s,

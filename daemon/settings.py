@@ -131,10 +131,13 @@ class ListenerSettings(_Section):
     min_free_disk_mb: int = Field(512, ge=0)
     tls: ListenerTlsSettings = ListenerTlsSettings()
     max_associations: int = Field(16, ge=1, le=1024)
+    max_associations_per_peer: int = Field(8, ge=1, le=1024)
+    """Connections one source address may hold (at most ``max_associations``)."""
     max_pdu_bytes: int = Field(4_194_304, ge=0)
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
+    """Idle limit, and the time a started PDU has to complete (stalled peers are aborted)."""
     shutdown_grace_s: float = Field(30.0, ge=0)
 
     @field_validator("ae_title")

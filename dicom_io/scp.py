@@ -31,6 +31,22 @@ associations new ones are rejected (rejected-transient, service-provider present
 reason 2). Unsupported SOP classes are refused at presentation-context negotiation. With
 ``tls`` set, the listener only speaks DICOM over TLS (PS3.15 B.9, see :mod:`dicom_io.tls`).
 
+Hostile and broken peers (:class:`_GuardedServer`): no peer holds a slot for long.
+
+* one source address holds at most ``max_associations_per_peer`` connections; a further
+  connection from it waits up to 0.25 s for one of them to end (a sender re-associating
+  right after a release), else it is answered with A-ASSOCIATE-RJ (rejected-transient,
+  service-provider presentation, local-limit-exceeded) and closed without taking a slot;
+* a PDU (or the A-ASSOCIATE-RQ) that is not complete ``network_timeout_s`` after the last
+  complete PDU -- a stalled or trickling sender -- ends the association: an established one
+  with A-ABORT (service-provider, PS3.8 9.3.8), then the connection is closed and its slot
+  freed. A handler still working for the peer (C-STORE being written) is never cut short;
+* every accepted socket also has a read/write timeout of ``2 * network_timeout_s`` (the
+  TLS handshake, which runs in the connection's thread, not the accept loop, included);
+* a connection that ends before a valid A-ASSOCIATE-RQ (malformed AE title bytes, any
+  undecodable PDU, A-ABORT or close instead of a request) frees its slot at once instead of
+  after ``acse_timeout_s``.
+
 Audit hook: ``on_event(kind, detail)`` is called (from pynetdicom threads) with ``kind`` one of
 :class:`ListenerEventKind` and a JSON-serialisable ``detail`` dict holding only technical
 identifiers (AE titles, peer host, UIDs, status) -- never patient names or IDs. The callback
@@ -40,10 +56,14 @@ also logged (INFO for associations, WARNING for failures) with the detail in ``e
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
+import ssl
 import threading
 import time
+import weakref
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -55,7 +75,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicom_io import statuses
 from dicom_io.ae_titles import validate_ae_title
@@ -115,10 +136,15 @@ class ListenerConfig:
         network (``"PACS@10.1.2.3"``, see :mod:`dicom_io.peers`); empty accepts any.
     max_associations
         Maximum concurrent associations.
+    max_associations_per_peer
+        Maximum concurrent connections from one source address (capped at
+        ``max_associations``); further ones are refused at once.
     max_pdu_bytes
         Maximum PDU length we receive (PS3.8 D.3.3.2.1); 0 means unlimited.
     acse_timeout_s, dimse_timeout_s, network_timeout_s
-        Association negotiation, DIMSE message and idle network timeouts in seconds.
+        Association negotiation, DIMSE message and network timeouts in seconds. A PDU not
+        complete ``network_timeout_s`` after the previous one (idle, stalled or trickling
+        peer) ends the association; sockets time out after ``2 * network_timeout_s``.
     min_free_bytes
         Free space the spool's file system must keep; below it C-STOREs get ``0xA700``.
     tls
@@ -130,6 +156,7 @@ class ListenerConfig:
     port: int = 11112
     allowed_calling_aes: tuple[str, ...] = ()
     max_associations: int = 16
+    max_associations_per_peer: int = 8
     max_pdu_bytes: int = 0
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
@@ -147,11 +174,20 @@ class ListenerConfig:
             raise ValueError(f"port must be 0-65535, got {self.port}")
         if self.max_associations < 1:
             raise ValueError(f"max_associations must be >= 1, got {self.max_associations}")
+        if self.max_associations_per_peer < 1:
+            raise ValueError(
+                f"max_associations_per_peer must be >= 1, got {self.max_associations_per_peer}"
+            )
         if self.max_pdu_bytes != 0 and self.max_pdu_bytes < 4096:
             raise ValueError(f"max_pdu_bytes must be 0 or >= 4096, got {self.max_pdu_bytes}")
         for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    @property
+    def per_peer_limit(self) -> int:
+        """The effective per-source-address connection limit."""
+        return min(self.max_associations_per_peer, self.max_associations)
 
 
 @dataclass(frozen=True)
@@ -450,6 +486,271 @@ REASON_CALLING_AE_NOT_RECOGNIZED = 0x03
 """A-ASSOCIATE-RJ reason (source service-user): calling-AE-title-not-recognized."""
 
 
+def _limit_reject_pdu() -> bytes:
+    pdu = A_ASSOCIATE_RJ()
+    pdu.result = REJECT_TRANSIENT
+    pdu.source = SOURCE_SERVICE_PROVIDER_PRESENTATION
+    pdu.reason_diagnostic = REASON_LOCAL_LIMIT_EXCEEDED
+    return bytes(pdu.encode())
+
+
+def _provider_abort_pdu() -> bytes:
+    pdu = A_ABORT_RQ()
+    pdu.source = ABORT_SOURCE_SERVICE_PROVIDER
+    pdu.reason_diagnostic = 0x00  # reason-not-specified
+    return bytes(pdu.encode())
+
+
+REJECT_TRANSIENT = 0x02
+"""A-ASSOCIATE-RJ result: rejected-transient (PS3.8 9.3.4)."""
+SOURCE_SERVICE_PROVIDER_PRESENTATION = 0x03
+"""A-ASSOCIATE-RJ source: DICOM UL service-provider, presentation related (PS3.8 9.3.4)."""
+REASON_LOCAL_LIMIT_EXCEEDED = 0x02
+"""A-ASSOCIATE-RJ reason (source 3): local-limit-exceeded (PS3.8 9.3.4)."""
+ABORT_SOURCE_SERVICE_PROVIDER = 0x02
+"""A-ABORT source: DICOM UL service-provider (PS3.8 9.3.8)."""
+LIMIT_REJECT_PDU = _limit_reject_pdu()
+"""A-ASSOCIATE-RJ sent to a connection above the per-peer limit."""
+PROVIDER_ABORT_PDU = _provider_abort_pdu()
+"""A-ABORT sent when a stalled established association is ended."""
+
+_REFUSE_DRAIN_S = 1.0
+"""How long a refused connection is read (and discarded) after the A-ASSOCIATE-RJ."""
+_ADMIT_GRACE_S = 0.25
+"""How long a connection above its peer's limit waits for one of the peer's slots to free."""
+_STALL_GRACE_S = 0.5
+"""How long past its network timeout an association may take to end by itself."""
+_POLL_S = 0.25
+"""Accept-loop poll interval; the stall watchdog runs once per poll."""
+_BEFORE_REQUEST = frozenset({"Sta2", "Sta13"})
+"""PS3.8 states of an acceptor that has not (successfully) received an A-ASSOCIATE-RQ."""
+_NOTHING_TO_ABORT = frozenset({"Sta1", "Sta2", "Sta13"})
+"""PS3.8 states in which a stalled connection is closed without an A-ABORT (cf. AA-2)."""
+
+
+class _BusyAssociations:
+    """Associations whose handler is working for the peer (never ended as stalled)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._busy: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def add(self, assoc: Any) -> None:
+        with self._lock:
+            self._busy.add(assoc)
+
+    def discard(self, assoc: Any) -> None:
+        with self._lock:
+            self._busy.discard(assoc)
+
+    def __contains__(self, assoc: object) -> bool:
+        with self._lock:
+            return assoc in self._busy
+
+
+def handle_store_marked(event: evt.Event, ctx: StoreContext, busy: _BusyAssociations) -> Dataset:
+    """:func:`handle_store`, with the association marked busy while it runs."""
+    busy.add(event.assoc)
+    try:
+        return handle_store(event, ctx)
+    finally:
+        busy.discard(event.assoc)
+
+
+def release_unrequested(event: evt.Event) -> None:
+    """Free at once the slot of a connection that ended before a valid A-ASSOCIATE-RQ.
+
+    Bound to ``EVT_FSM_TRANSITION``. When the upper-layer state machine (PS3.8 9.2) of an
+    acceptor goes idle (Sta1) from "awaiting A-ASSOCIATE-RQ" (Sta2) or "awaiting transport
+    close" (Sta13) without a request -- an undecodable PDU such as malformed AE title bytes
+    (AA-1), an A-ABORT, a closed or timed-out connection -- pynetdicom's acceptor thread
+    would still wait ``acse_timeout_s`` for the request. An empty item on the DUL's
+    user queue ends that wait now (it reads as "no request").
+    """
+    if event.next_state != "Sta1" or event.current_state not in _BEFORE_REQUEST:
+        return
+    assoc = event.assoc
+    if assoc.is_acceptor and assoc.requestor.primitive is None:
+        assoc.dul.to_user_queue.put(cast(Any, None))
+
+
+class _ConnectionHandler(RequestHandler):
+    """pynetdicom's request handler, kept alive until its association ends.
+
+    The server's per-peer accounting then follows the connection's lifetime exactly.
+    """
+
+    def handle(self) -> None:
+        """Create, start and wait for the acceptor association (as ``RequestHandler``)."""
+        assoc = self._create_association()
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+        assoc.join()
+
+
+@dataclass(frozen=True)
+class _ConnectionPolicy:
+    per_peer_limit: int
+    network_timeout_s: float
+    busy: _BusyAssociations
+    on_refused: Callable[[str], None]
+
+    @property
+    def socket_timeout_s(self) -> float:
+        return 2 * self.network_timeout_s
+
+
+class _GuardedServer(ThreadedAssociationServer):
+    """Association server that no peer can starve (PS3.8 upper layer over TCP).
+
+    Extends pynetdicom's server through its documented hooks (``AE.make_server`` with a
+    server class and request handler; ``socketserver`` ``get_request``, ``process_request``
+    and ``service_actions``): socket timeouts, the TLS handshake in the connection's own
+    thread, a per-source-address connection limit and a watchdog for stalled PDUs.
+    """
+
+    daemon_threads = True
+    block_on_close = False  # stop() aborts what is left; never wait on a stalled peer
+
+    def __init__(self, *args: Any, policy: _ConnectionPolicy, **kwargs: Any) -> None:
+        self.policy = policy
+        self._lock = threading.Lock()
+        self._per_peer: Counter[str] = Counter()
+        self._expired_since: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        kwargs["request_handler"] = _ConnectionHandler
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept; give the socket its timeout; defer the TLS handshake to the thread."""
+        listening = cast(socket.socket, self.socket)
+        sock, address = listening.accept()
+        sock.settimeout(self.policy.socket_timeout_s)
+        if self.ssl_context is not None:
+            sock = self.ssl_context.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False
+            )
+        return sock, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection in a thread; above the per-peer limit, see :meth:`_overflow`."""
+        host = str(client_address[0])
+        if not self._admit(host):
+            threading.Thread(
+                target=self._overflow, args=(request, client_address), daemon=True
+            ).start()
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release(host)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Run the TLS handshake (bounded by the socket timeout), then the association."""
+        try:
+            if isinstance(request, ssl.SSLSocket) and not self._handshake(request):
+                return
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release(str(client_address[0]))
+
+    def service_actions(self) -> None:
+        """Once per accept-loop poll: end associations stalled past the network timeout."""
+        super().service_actions()
+        now = time.monotonic()
+        for assoc in self.active_associations:
+            if assoc in self.policy.busy or not assoc.dul.idle_timer_expired():
+                self._expired_since.pop(assoc, None)
+                continue
+            since = self._expired_since.setdefault(assoc, now)
+            if now - since >= _STALL_GRACE_S:
+                _end_stalled(assoc)
+                self._expired_since[assoc] = float("inf")  # once
+
+    def _admit(self, host: str) -> bool:
+        with self._lock:
+            if self._per_peer[host] >= self.policy.per_peer_limit:
+                return False
+            self._per_peer[host] += 1
+            return True
+
+    def _overflow(self, request: Any, client_address: Any) -> None:
+        """Serve a connection above the per-peer limit if a slot of its peer frees soon.
+
+        A sender that opens its next association right after a release may arrive before
+        the previous connection's thread has ended; it waits up to ``_ADMIT_GRACE_S``.
+        Otherwise it is refused (:meth:`_refuse`).
+        """
+        host = str(client_address[0])
+        deadline = time.monotonic() + _ADMIT_GRACE_S
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+            if self._admit(host):
+                self.process_request_thread(request, client_address)
+                return
+        self._refuse(request, host, plain=not isinstance(request, ssl.SSLSocket))
+
+    def _release(self, host: str) -> None:
+        with self._lock:
+            self._per_peer[host] -= 1
+            if self._per_peer[host] <= 0:
+                del self._per_peer[host]
+
+    def _handshake(self, request: ssl.SSLSocket) -> bool:
+        try:
+            request.do_handshake()
+        except OSError as exc:
+            logger.info("TLS handshake failed: %s", type(exc).__name__)
+            self.shutdown_request(request)
+            return False
+        return True
+
+    def _refuse(self, request: socket.socket, host: str, plain: bool) -> None:
+        """A-ASSOCIATE-RJ (transient, local-limit-exceeded), drain briefly, close."""
+        self.policy.on_refused(host)
+        try:
+            request.settimeout(_REFUSE_DRAIN_S)
+            if plain:  # a TLS peer is not worth a handshake: it only sees the close
+                request.sendall(LIMIT_REJECT_PDU)
+            request.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + _REFUSE_DRAIN_S
+            while time.monotonic() < deadline and request.recv(4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            request.close()
+
+
+def _end_stalled(assoc: Any) -> None:
+    """End an association whose PDU has not completed in time (A-ABORT, then close)."""
+    logger.warning(
+        "ending a stalled association (network timeout)",
+        extra={"state": str(assoc.dul.state_machine.current_state), **_peer_of(assoc)},
+    )
+    _end_connection(assoc)
+
+
+def _end_connection(assoc: Any) -> None:
+    """Send A-ABORT (service-provider, PS3.8 9.3.8) if associated, then shut the socket.
+
+    Shutting the socket down wakes pynetdicom's reader blocked in ``recv``; the state
+    machine then sees the transport closed (Evt17) and frees the slot.
+    """
+    dul_socket = assoc.dul.socket
+    sock = None if dul_socket is None else dul_socket.socket
+    if sock is None:
+        return
+    # pynetdicom may already have marked it not established (its own idle abort is queued
+    # behind the blocked read), so ask the state machine: Sta1/Sta2/Sta13 have nothing to abort.
+    state = str(assoc.dul.state_machine.current_state)
+    if state not in _NOTHING_TO_ABORT and not isinstance(sock, ssl.SSLSocket):
+        with contextlib.suppress(OSError):
+            sock.send(PROVIDER_ABORT_PDU, socket.MSG_DONTWAIT)
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 class Listener:
     """Storage + Verification SCP running in background threads.
 
@@ -479,6 +780,7 @@ class Listener:
         self._store_ctx = StoreContext(
             spool=spool, sink=sink, emit=self._emit, min_free_bytes=config.min_free_bytes
         )
+        self._busy = _BusyAssociations()
         self._server: ThreadedAssociationServer | None = None
         self._ae: AE | None = None
 
@@ -520,19 +822,31 @@ class Listener:
             (evt.EVT_PDU_RECV, handle_pdu_io),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [self._store_ctx]),
+            (evt.EVT_C_STORE, handle_store_marked, [self._store_ctx, self._busy]),
+            (evt.EVT_FSM_TRANSITION, release_unrequested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
         ]
-        server = ae.start_server(
+        server = ae.make_server(
             (self.config.host, self.config.port),
-            block=False,
             evt_handlers=handlers,
             ssl_context=ssl_context,
+            server_class=_GuardedServer,
+            policy=_ConnectionPolicy(
+                per_peer_limit=self.config.per_peer_limit,
+                network_timeout_s=self.config.network_timeout_s,
+                busy=self._busy,
+                on_refused=self._on_refused,
+            ),
         )
-        if server is None:  # pragma: no cover -- block=False always returns the server
-            raise RuntimeError("pynetdicom did not return a server")
+        ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it
+        threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": _POLL_S},
+            name="radflag-listener",
+            daemon=True,
+        ).start()
         self._ae, self._server = ae, server
         logger.info(
             "listener started",
@@ -572,9 +886,9 @@ class Listener:
         while server.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
         remaining = server.active_associations
-        for assoc in remaining:
+        for assoc in remaining:  # A-ABORT and close; never wait on a reader blocked in recv
             logger.warning("aborting association at shutdown", extra={"peer": _peer_of(assoc)})
-            assoc.abort()
+            _end_connection(assoc)
         for assoc in remaining:
             assoc.join(timeout=5)
         logger.info("listener stopped", extra={"aborted": len(remaining)})
@@ -613,6 +927,16 @@ class Listener:
                 "calling_ae": calling_ae,
                 "peer_host": peer_host,
                 "reason": _rejection_reason(event, self.config, self._policy),
+            },
+        )
+
+    def _on_refused(self, peer_host: str) -> None:
+        self._emit(
+            ListenerEventKind.ASSOCIATION_REJECTED,
+            {
+                "calling_ae": "",
+                "peer_host": peer_host,
+                "reason": "per-peer association limit exceeded",
             },
         )
 
