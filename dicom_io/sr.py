@@ -46,15 +46,19 @@ from highdicom.sr import (
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
+    NumContentItem,
     ObservationContext,
     ObserverContext,
     QualitativeEvaluation,
+    RelationshipTypeValues,
     SourceImageForMeasurementGroup,
+    TextContentItem,
     TrackingIdentifier,
 )
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from dicom_io.headers import repair_source
 from dicom_io.uids import is_valid_uid
 
 RADFLAG_UID_NAMESPACE = uuid.UUID("5b1c3f0e-6d2a-4f57-9a43-2f8e1d6c7a10")
@@ -226,6 +230,92 @@ def _measurement_group(
     )
 
 
+PROJECTION_MODALITIES = frozenset({"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"})
+"""Modalities for which highdicom adds TID 1603 projection descriptors."""
+
+
+def _positive_pair(value: Any) -> tuple[float, float] | None:
+    """Return two positive finite numbers (row, column) from a 2-valued DS, else None."""
+    try:
+        pair = (float(value[0]), float(value[1])) if value is not None and len(value) == 2 else None
+    except (TypeError, ValueError, IndexError):
+        return None
+    if pair is None or not all(math.isfinite(v) and v > 0 for v in pair):
+        return None
+    return pair
+
+
+def _orientation_pair(value: Any) -> tuple[str, str] | None:
+    """Return Patient Orientation (PS3.3 C.7.6.1.1.1) row and column, when both are given."""
+    if value is None or isinstance(value, str) or len(value) != 2:
+        return None
+    pair = (str(value[0]).strip(), str(value[1]).strip())
+    return pair if all(pair) else None
+
+
+def _library_descriptors(ds: Dataset) -> list[Any]:
+    """TID 1603 descriptors of a projection image, only those present and valid.
+
+    Patient Orientation (row, column) and Imager Pixel Spacing (vertical, horizontal), each
+    only when the source carries a valid value; an old CR without them gets none.
+    """
+    items: list[Any] = []
+    acq = RelationshipTypeValues.HAS_ACQ_CONTEXT
+    orientation = _orientation_pair(ds.get("PatientOrientation"))
+    if orientation is not None:
+        items.append(TextContentItem(codes.DCM.PatientOrientationRow, orientation[0], acq))
+        items.append(TextContentItem(codes.DCM.PatientOrientationColumn, orientation[1], acq))
+    spacing = _positive_pair(ds.get("ImagerPixelSpacing"))
+    if spacing is not None:
+        mm = codes.UCUM.Millimeter
+        for name, value in (
+            (codes.DCM.HorizontalPixelSpacing, spacing[1]),
+            (codes.DCM.VerticalPixelSpacing, spacing[0]),
+        ):
+            items.append(NumContentItem(name, value, mm, relationship_type=acq))
+    return items
+
+
+def _library_view(ds: Dataset) -> Dataset:
+    """Return the part of a source that highdicom's TID 1600 image library reads, made safe.
+
+    highdicom adds modality-specific descriptors unconditionally (and fails on an absent or
+    empty Patient Orientation or Imager Pixel Spacing), so the view carries only the
+    identifying attributes, Rows/Columns, a valid Frame of Reference UID and a neutral
+    Modality; :func:`_add_library_descriptors` then adds the descriptors that are valid.
+    """
+    view = Dataset()
+    view.SOPClassUID = ds.SOPClassUID
+    view.SOPInstanceUID = ds.SOPInstanceUID
+    view.Modality = "OT"
+    for keyword in ("Rows", "Columns"):
+        value = ds.get(keyword)
+        setattr(view, keyword, int(value) if isinstance(value, int) and value > 0 else 1)
+    frame_of_reference = str(ds.get("FrameOfReferenceUID", "") or "")
+    if is_valid_uid(frame_of_reference):
+        view.FrameOfReferenceUID = frame_of_reference
+    return view
+
+
+def _add_library_descriptors(report: MeasurementReport, sources: Sequence[Dataset]) -> None:
+    """Add :func:`_library_descriptors` to each image entry of the report's image library."""
+    by_uid = {
+        str(ds.SOPInstanceUID): ds
+        for ds in sources
+        if str(ds.get("Modality", "")).upper() in PROJECTION_MODALITIES
+    }
+    for item in report[0].ContentSequence:
+        if item.ConceptNameCodeSequence[0].CodeValue != codes.DCM.ImageLibrary.value:
+            continue
+        for group in item.ContentSequence:
+            for entry in group.ContentSequence:
+                if entry.ValueType != "IMAGE":
+                    continue
+                uid = str(entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+                if uid in by_uid:
+                    entry.ContentSequence.extend(_library_descriptors(by_uid[uid]))
+
+
 def build_sr(
     sources: Sequence[Dataset],
     finding: FindingResult | Sequence[FindingResult],
@@ -268,8 +358,15 @@ def build_sr(
     ------
     ValueError
         If the sources are empty, mix studies or patients, or lack UIDs, or a UID is invalid.
+
+    Notes
+    -----
+    The sources are copied through :func:`dicom_io.headers.repair_source` first: invalid
+    or over-long values of the copied patient/study attributes are repaired or emptied,
+    so a messy header never prevents the SR (call it yourself to audit the repairs).
     """
     _check_sources(sources)
+    sources = [repair_source(ds).dataset for ds in sources]
     for name, value in (
         ("series_instance_uid", series_instance_uid),
         ("sop_instance_uid", sop_instance_uid),
@@ -305,8 +402,9 @@ def build_sr(
             _measurement_group(item, algorithm, algorithm_id, sop_instance_uid, sources)
             for item in findings
         ],
-        referenced_images=list(sources),
+        referenced_images=[_library_view(ds) for ds in sources],
     )
+    _add_library_descriptors(report, sources)
     document_class = (
         Comprehensive3DSR if storage_class is SRStorageClass.COMPREHENSIVE_3D else ComprehensiveSR
     )
