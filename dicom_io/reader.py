@@ -83,6 +83,12 @@ class ImageHeader:
     path: Path | None = None
     species: str | None = None
     descriptions: tuple[str, ...] = ()
+    manufacturer: str | None = None
+    model_name: str | None = None
+    series_description: str | None = None
+    burned_in_annotation: str | None = None
+    equipment: tuple[tuple[str, str], ...] = ()
+    observer_uids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -235,6 +241,35 @@ def _descriptions(ds: Dataset) -> tuple[str, ...]:
     return tuple(t for t in texts if t)
 
 
+_DEVICE_OBSERVER_UID = "121012"
+"""DCM code of the Device Observer UID content item (PS3.16 TID 1004)."""
+
+
+def _equipment(ds: Dataset) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in ds.get("ContributingEquipmentSequence") or []:
+        pairs.append(
+            (_text(item, "Manufacturer") or "", _text(item, "ManufacturerModelName") or "")
+        )
+    return tuple(pairs)
+
+
+def _observer_uids(ds: Dataset, depth: int = 0) -> tuple[str, ...]:
+    """Device Observer UIDs in the first levels of an SR content tree (TID 1001/1004)."""
+    found: list[str] = []
+    if depth > 3:
+        return ()
+    for item in ds.get("ContentSequence") or []:
+        concept = item.get("ConceptNameCodeSequence") or []
+        if concept and str(concept[0].get("CodeValue", "")) == _DEVICE_OBSERVER_UID:
+            uid = clean_uid(item.get("UID"))
+            if uid:
+                found.append(str(uid))
+        elif item.get("ValueType") == "CONTAINER":
+            found.extend(_observer_uids(item, depth + 1))
+    return tuple(found)
+
+
 def read_header(path: Path) -> ImageHeader:
     """Read the header of a PS3.10 file without its pixel data.
 
@@ -300,6 +335,12 @@ def read_header(path: Path) -> ImageHeader:
             transfer_syntax_uid=None if transfer_syntax is None else str(transfer_syntax),
             species=_species(ds),
             descriptions=_descriptions(ds),
+            manufacturer=_text(ds, "Manufacturer"),
+            model_name=_text(ds, "ManufacturerModelName"),
+            series_description=_text(ds, "SeriesDescription"),
+            burned_in_annotation=_text(ds, "BurnedInAnnotation"),
+            equipment=_equipment(ds),
+            observer_uids=_observer_uids(ds),
         )
     except DecodeError:
         raise
