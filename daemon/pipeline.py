@@ -164,17 +164,38 @@ class _Selected:
 
 
 def to_pixel_meta(image: DecodedImage) -> PixelMeta:
-    """Map the DICOM reader's pixel description onto the model's (the model never sees pydicom)."""
+    """Map the DICOM reader's pixel description onto the model's (the model never sees pydicom).
+
+    The grey levels come from :mod:`dicom_io.grayscale` (:func:`model_pixels`): P-values with
+    an identity LINEAR_EXACT window when a VOI transform was applied, else modality values
+    with their polarity and no window (the model's percentile range applies).
+    """
+    grey = image.presentation
+    if grey is None:
+        return PixelMeta(
+            photometric=image.photometric,
+            rescale_slope=image.rescale_slope,
+            rescale_intercept=image.rescale_intercept,
+            window_center=image.window_center,
+            window_width=image.window_width,
+            voi_lut_function=image.voi_lut_function,
+            bits_stored=image.bits_stored,
+            pixel_spacing_mm=image.pixel_spacing_mm,
+        )
+    window = grey.window
     return PixelMeta(
-        photometric=image.photometric,
-        rescale_slope=image.rescale_slope,
-        rescale_intercept=image.rescale_intercept,
-        window_center=image.window_center,
-        window_width=image.window_width,
-        voi_lut_function=image.voi_lut_function,
+        photometric=grey.photometric,
+        window_center=None if window is None else window[0],
+        window_width=None if window is None else window[1],
+        voi_lut_function="LINEAR" if window is None else window[2],
         bits_stored=image.bits_stored,
         pixel_spacing_mm=image.pixel_spacing_mm,
     )
+
+
+def model_pixels(image: DecodedImage) -> npt.NDArray[Any]:
+    """Return the grey levels the model and the heatmap picture both use."""
+    return image.pixels if image.presentation is None else image.presentation.values
 
 
 class _Payloads:
@@ -230,7 +251,7 @@ def _explain(loaded: LoadedModel, pixels: npt.NDArray[Any], meta: PixelMeta) -> 
 def _display(image: DecodedImage, meta: PixelMeta, loaded: LoadedModel) -> npt.NDArray[np.uint8]:
     """Return the image as a viewer shows it (:func:`model.preprocess.to_display`)."""
     return np.asarray(
-        to_display(image.pixels, meta, loaded.bundle.card.preprocess_spec), dtype=np.uint8
+        to_display(model_pixels(image), meta, loaded.bundle.card.preprocess_spec), dtype=np.uint8
     )
 
 
@@ -382,7 +403,8 @@ class StudyProcessor:
         identity = loaded.bundle.identity
         t0 = time.perf_counter()
         items = [
-            (decoded[s.header.sop_instance_uid].pixels, _pixel_meta(s, decoded)) for s in chosen
+            (model_pixels(decoded[s.header.sop_instance_uid]), _pixel_meta(s, decoded))
+            for s in chosen
         ]
         predictions = loaded.classifier.classify(items)
         infer_ms = (time.perf_counter() - t0) * 1000
@@ -526,7 +548,7 @@ class StudyProcessor:
         """Build the heatmap picture of the study's key image (the one with the top probability)."""
         image = decoded[key.header.sop_instance_uid]
         meta = to_pixel_meta(image)
-        heatmap = _explain(loaded, image.pixels, meta)
+        heatmap = _explain(loaded, model_pixels(image), meta)
         display = _display(image, meta, loaded)
         source = next(ds for ds in sources if str(ds.SOPInstanceUID) == key.header.sop_instance_uid)
         series_uid, sop_uid = result_uids(

@@ -2,9 +2,9 @@
 
 Pixel data in any transfer syntax of PS3.5 section 8 / Annex A (native, deflated, JPEG,
 JPEG-LS, JPEG 2000, RLE) is decoded by pydicom's pixel backends (pylibjpeg plugins, Pillow).
-Only the first frame is decoded. Values are returned as stored: the Modality LUT (rescale,
-PS3.3 C.11.1) and VOI LUT (window, PS3.3 C.11.2) are *not* applied but their parameters are
-returned so the model's preprocessing can apply them. Bits Stored smaller than Bits Allocated
+Only the first frame is decoded. Values are returned as stored, and also after the grayscale
+pipeline of :mod:`dicom_io.grayscale` (Modality LUT, VOI LUT, Presentation LUT; pydicom), which
+is what the model and the heatmap picture use. Bits Stored smaller than Bits Allocated
 and signed pixels (Pixel Representation 1) are handled by the decoder (masked and sign
 extended, PS3.5 8.1.1); YBR colour is converted to RGB.
 
@@ -29,6 +29,7 @@ from pydicom.pixels.processing import apply_color_lut
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from dicom_io.grayscale import PresentationImage, presentation_values
 from dicom_io.uids import clean_uid
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,9 @@ class DecodedImage:
         Bits Stored, or None.
     pixel_spacing_mm
         (row, column) spacing from Pixel Spacing, else Imager Pixel Spacing, or None.
+    presentation
+        The grey levels after the grayscale pipeline (:mod:`dicom_io.grayscale`): what the
+        model and the heatmap picture use.
     """
 
     pixels: np.ndarray[Any, Any]
@@ -123,6 +127,7 @@ class DecodedImage:
     voi_lut_function: str
     bits_stored: int | None
     pixel_spacing_mm: tuple[float, float] | None
+    presentation: PresentationImage | None = None
 
 
 def _first_float(value: Any) -> float | None:
@@ -414,6 +419,7 @@ def _to_decoded(ds: Dataset, pixels: np.ndarray[Any, Any], path: Path) -> Decode
         voi_lut_function=_text(ds, "VOILUTFunction") or "LINEAR",
         bits_stored=_int(ds, "BitsStored"),
         pixel_spacing_mm=_spacing(ds),
+        presentation=presentation_values(ds, pixels),
     )
 
 
