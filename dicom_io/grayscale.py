@@ -122,7 +122,7 @@ def _lut_view(ds: Dataset, notes: list[str]) -> Dataset:
     ):
         try:
             if keyword in ds and ds[keyword].value not in (None, ""):
-                view[keyword] = copy.copy(ds[keyword])
+                view[keyword] = copy.deepcopy(ds[keyword])
         except Exception:  # noqa: BLE001 - an undecodable value counts as absent
             notes.append(f"{keyword}: undecodable, ignored")
     meta = getattr(ds, "file_meta", None)
@@ -141,8 +141,21 @@ def _lut_view(ds: Dataset, notes: list[str]) -> Dataset:
     return view
 
 
+def _fix_lut_depth(view: Dataset, notes: list[str]) -> None:
+    """Read a Modality LUT entry size other than 8/16 bits (PS3.3 C.11.1.1.1) as 8 or 16."""
+    item = view.ModalityLUTSequence[0]
+    entries, first, bits = (int(v) for v in item.LUTDescriptor)
+    if bits not in (8, 16):
+        notes.append(
+            f"ModalityLUTSequence: LUT Descriptor bits {bits} read as {16 if bits > 8 else 8}"
+        )
+        item.LUTDescriptor = [entries, first, 16 if bits > 8 else 8]
+
+
 def _modality(arr: npt.NDArray[Any], view: Dataset, notes: list[str]) -> npt.NDArray[Any]:
     try:
+        if view.get("ModalityLUTSequence"):
+            _fix_lut_depth(view, notes)
         return np.asarray(apply_modality_lut(arr, view))
     except Exception as exc:  # noqa: BLE001 - a broken LUT is ignored, not fatal
         notes.append(f"ModalityLUTSequence: unusable ({exc}), ignored")

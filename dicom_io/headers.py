@@ -6,10 +6,13 @@ hashes in dates, lower-case code strings, over-long names and odd character sets
 and Patient Study modules of a source image (PS3.3 C.7.1.1, C.7.2.1, C.7.2.2), so every value
 they copy is checked against its value representation (PS3.5 6.2) first:
 
+- Type 2 attributes of the Patient and General Study modules that are absent are added
+  empty (PS3.3 C.7.1.1, C.7.2.1);
 - DA, TM, DT, AS, CS, AE, UI, DS and IS values that break their VR are repaired when the
   intent is unambiguous (``2020.01.31`` -> ``20200131``, ``10:20:30`` -> ``102030``,
   ``f`` -> ``F``) and otherwise emptied (a zero-length value is valid for Type 2 and 3
-  attributes, PS3.5 7.4.5);
+  attributes, PS3.5 7.4.5); code strings with enumerated values (Patient's Sex, Laterality,
+  Patient Orientation...) keep only defined values (``MALE`` -> ``M``);
 - strings longer than their VR allows are truncated to the VR maximum (PS3.5 Table 6.2-1),
   person names per component group (64 characters), with at most 3 groups of 5 components;
 - control characters are removed where the VR forbids them (all but ST, LT, UT);
@@ -67,6 +70,20 @@ TEXT_VRS = frozenset({"ST", "LT", "UT"})
 STRING_VRS = frozenset(
     {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UT"}
 )
+
+TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+"""Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1) that
+the SR and SC must carry: added empty when a source lacks them."""
 
 KEPT_UIDS = frozenset({"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"})
 """UIDs that identify the source; never changed here."""
@@ -176,10 +193,33 @@ def _fix_is(text: str) -> str | None:
     return None
 
 
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def valid_uid(text: str) -> bool:
+    """Return True for a UID of PS3.5 9.1: digits and dots, no leading zeros, <= 64 chars."""
+    return len(text) <= 64 and _UID.match(text) is not None and is_valid_uid(text)
+
+
 def _fix_ui(text: str) -> str | None:
     candidate = text.strip().rstrip("\x00")
-    return candidate if is_valid_uid(candidate) else None
+    return candidate if valid_uid(candidate) else None
 
+
+_DIRECTION = re.compile(r"^[APRLHF]{1,3}$")
+"""Patient Orientation values: anatomical direction letters (PS3.3 C.7.6.1.1.1)."""
+
+_SEX = {"M": "M", "F": "F", "O": "O", "MALE": "M", "FEMALE": "F", "OTHER": "O"}
+
+ENUMERATED: dict[str, Callable[[str], str | None]] = {
+    "PatientSex": lambda v: _SEX.get(v),
+    "Laterality": lambda v: v if v in ("R", "L") else None,
+    "ImageLaterality": lambda v: v if v in ("R", "L", "U", "B") else None,
+    "BurnedInAnnotation": lambda v: v if v in ("YES", "NO") else None,
+    "RecognizableVisualFeatures": lambda v: v if v in ("YES", "NO") else None,
+    "PatientOrientation": lambda v: v if _DIRECTION.match(v) else None,
+}
+"""Code strings with enumerated values (PS3.3) copied into results: others are emptied."""
 
 _FIXERS: dict[str, Callable[[str], str | None]] = {
     "DA": _fix_da,
@@ -261,6 +301,9 @@ class _Repairer:
         for value in values:
             text = _raw_text(value, vr)
             new = self._fix(vr, text)
+            check = ENUMERATED.get(elem.keyword)
+            if new is not None and check is not None:
+                new = check(new)
             if new is None:
                 self.note(elem, "emptied" if len(values) == 1 else "removed", f"invalid {vr}")
                 continue
@@ -312,6 +355,9 @@ def repair_source(ds: Dataset) -> RepairedSource:
         del source.PixelData
     repairer = _Repairer()
     repairer.dataset(source)
+    for keyword in TYPE2_COPIED:
+        if keyword not in source:
+            setattr(source, keyword, None)  # Type 2: present, zero length when unknown
     charset = source.get("SpecificCharacterSet")
     if _needs_unicode(source):
         if charset != "ISO_IR 192":
@@ -334,4 +380,4 @@ def repair_sources(datasets: Iterable[Dataset]) -> tuple[list[Dataset], dict[str
     return copies, repairs
 
 
-__all__ = ["HeaderRepair", "RepairedSource", "repair_source", "repair_sources"]
+__all__ = ["HeaderRepair", "RepairedSource", "repair_source", "repair_sources", "valid_uid"]

@@ -26,8 +26,9 @@ Rules, applied in this order (the first failing rule is the recorded reason):
    ``FOR PROCESSING``, PS3.3 C.8.11.1) hold raw detector values; they are skipped when the
    study also holds an image for presentation, and analysed when they are all there is.
 7. ``MULTI_FRAME``: Number of Frames > 1 (the chest classifier is single-frame).
-8. ``BODY_PART_NOT_CHEST``: Body Part Examined must be ``CHEST``, ``THORAX`` or ``LUNG``,
-   or absent (many modalities leave it empty).
+8. ``BODY_PART_NOT_CHEST``: Body Part Examined must be ``CHEST``, ``THORAX`` or ``LUNG``
+   (also as a whole word of a non-standard value such as ``CHEST PA`` or
+   ``THORAX_AP_SUPINE``), or absent (many modalities leave it empty).
 9. ``NOT_HUMAN``: the patient must be human: Patient Species (PS3.3 C.7.1.1, only present for
    veterinary patients) absent or *Homo sapiens*, and no acquisition description (Protocol
    Name, Acquisition Device Processing Description, Series/Study Description, Performed
@@ -405,7 +406,7 @@ def _content_reason(
 ) -> ExclusionReason | None:
     """Rules 8-11: body part, species, view and image type."""
     body_part = (header.body_part or "").strip().upper()
-    if body_part and body_part not in rules.body_parts:
+    if body_part and not (body_part in rules.body_parts or _words([body_part]) & rules.body_parts):
         return ExclusionReason.BODY_PART_NOT_CHEST
     if not body_part and not rules.allow_missing_body_part:
         return ExclusionReason.BODY_PART_NOT_CHEST

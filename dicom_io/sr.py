@@ -58,7 +58,7 @@ from highdicom.sr import (
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from dicom_io.headers import repair_source
+from dicom_io.headers import repair_source, valid_uid
 from dicom_io.uids import is_valid_uid
 
 RADFLAG_UID_NAMESPACE = uuid.UUID("5b1c3f0e-6d2a-4f57-9a43-2f8e1d6c7a10")
@@ -292,7 +292,7 @@ def _library_view(ds: Dataset) -> Dataset:
         value = ds.get(keyword)
         setattr(view, keyword, int(value) if isinstance(value, int) and value > 0 else 1)
     frame_of_reference = str(ds.get("FrameOfReferenceUID", "") or "")
-    if is_valid_uid(frame_of_reference):
+    if valid_uid(frame_of_reference):
         view.FrameOfReferenceUID = frame_of_reference
     return view
 
