@@ -230,6 +230,9 @@ def _measurement_group(
     )
 
 
+SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+"""Secondary Capture Image Storage and its multi-frame variants (PS3.4 B.5)."""
+
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"})
 """Modalities for which highdicom adds TID 1603 projection descriptors."""
 
@@ -297,13 +300,43 @@ def _library_view(ds: Dataset) -> Dataset:
     return view
 
 
+ACQUISITION_MODALITIES = {
+    "CR": CodedConcept("CR", "DCM", "Computed Radiography"),
+    "DX": CodedConcept("DX", "DCM", "Digital Radiography"),
+    "CT": CodedConcept("CT", "DCM", "Computed Tomography"),
+}
+"""Modality codes of PS3.16 CID 29 for the modalities radflag analyses."""
+
+_MODALITY_CONCEPT = "121139"
+
+
+def _fix_library_modality(entry: Dataset, source: Dataset) -> None:
+    """Give a Secondary Capture entry its acquisition modality (CID 29) or none.
+
+    highdicom derives TID 1602 row 1 from the SOP class, which for a Secondary Capture is
+    ``OT``, not a CID 29 code. A digitised chest film says CR/DX in Modality; otherwise the
+    optional descriptor is left out.
+    """
+    code = ACQUISITION_MODALITIES.get(str(source.get("Modality", "")).upper())
+    kept = []
+    for item in entry.ContentSequence:
+        if item.ConceptNameCodeSequence[0].CodeValue != _MODALITY_CONCEPT:
+            kept.append(item)
+        elif code is not None:
+            item.ConceptCodeSequence[0].CodeValue = code.value
+            item.ConceptCodeSequence[0].CodingSchemeDesignator = code.scheme_designator
+            item.ConceptCodeSequence[0].CodeMeaning = code.meaning
+            kept.append(item)
+    entry.ContentSequence = kept
+
+
 def _add_library_descriptors(report: MeasurementReport, sources: Sequence[Dataset]) -> None:
-    """Add :func:`_library_descriptors` to each image entry of the report's image library."""
-    by_uid = {
-        str(ds.SOPInstanceUID): ds
-        for ds in sources
-        if str(ds.get("Modality", "")).upper() in PROJECTION_MODALITIES
-    }
+    """Complete each image entry of the report's image library from its source.
+
+    Projection images get :func:`_library_descriptors`; Secondary Capture entries get their
+    acquisition modality (:func:`_fix_library_modality`).
+    """
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     for item in report[0].ContentSequence:
         if item.ConceptNameCodeSequence[0].CodeValue != codes.DCM.ImageLibrary.value:
             continue
@@ -311,9 +344,11 @@ def _add_library_descriptors(report: MeasurementReport, sources: Sequence[Datase
             for entry in group.ContentSequence:
                 if entry.ValueType != "IMAGE":
                     continue
-                uid = str(entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-                if uid in by_uid:
-                    entry.ContentSequence.extend(_library_descriptors(by_uid[uid]))
+                source = by_uid[str(entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)]
+                if str(source.SOPClassUID).startswith(SECONDARY_CAPTURE_PREFIX):
+                    _fix_library_modality(entry, source)
+                if str(source.get("Modality", "")).upper() in PROJECTION_MODALITIES:
+                    entry.ContentSequence.extend(_library_descriptors(source))
 
 
 def build_sr(
