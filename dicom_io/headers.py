@@ -233,12 +233,25 @@ _FIXERS: dict[str, Callable[[str], str | None]] = {
 }
 
 
+def _clip(text: str, limit: int) -> str:
+    """Cut ``text`` to ``limit`` characters, and to ``limit`` bytes once encoded as UTF-8.
+
+    Validators (dciodvfy) count the bytes of a multi-byte value against the VR maximum, so
+    non-ASCII text is cut on a character boundary until its UTF-8 form fits.
+    """
+    text = text[:limit]
+    if text.isascii():
+        return text
+    encoded = text.encode("utf-8")[:limit]
+    return encoded.decode("utf-8", errors="ignore")
+
+
 def _fix_pn(text: str) -> str:
     groups = text.split("=")[:3]
     fixed = []
     for group in groups:
         components = group.split("^")[:5]
-        fixed.append("^".join(c.strip() for c in components)[:PN_GROUP_MAX_CHARS])
+        fixed.append(_clip("^".join(c.strip() for c in components), PN_GROUP_MAX_CHARS))
     return "=".join(fixed).rstrip("=")
 
 
@@ -246,7 +259,7 @@ def _fix_text(vr: str, text: str) -> str:
     if vr not in TEXT_VRS:
         text = _CONTROL.sub("", text)
     limit = MAX_CHARS.get(vr)
-    return text if limit is None else text[:limit]
+    return text if limit is None else _clip(text, limit)
 
 
 def _values(value: Any) -> list[Any]:

@@ -35,6 +35,21 @@ from dicom_io.uids import clean_uid
 logger = logging.getLogger(__name__)
 
 
+class _NoDecoderTracebacks(logging.Filter):
+    """Drop pydicom's per-plugin decoder tracebacks (``LOGGER.exception`` in its decoders).
+
+    Every plugin's message is part of the ``RuntimeError`` pydicom raises afterwards, which
+    :func:`read_image` turns into a :class:`DecodeError` carrying the reason: an undecodable
+    file is a recorded outcome, not a traceback in the log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.exc_info
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_NoDecoderTracebacks())
+
+
 class DecodeError(Exception):
     """An instance cannot be read or its pixels cannot be decoded.
 

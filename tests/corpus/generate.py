@@ -524,9 +524,13 @@ def _rescale(ds: Dataset) -> None:
 
 
 def _inverse_m2(ds: Dataset) -> None:
+    """The same picture as stored values inverted plus Presentation LUT Shape INVERSE."""
     ds.PresentationLUTShape = "INVERSE"
     arr = ds.pixel_array
-    _pixels(ds, ((1 << int(ds.BitsStored)) - 1 - arr.astype(np.int64)).astype(arr.dtype))
+    top = (1 << int(ds.BitsStored)) - 1
+    _pixels(ds, (top - arr.astype(np.int64)).astype(arr.dtype))
+    if "WindowCenter" in ds:  # the window mirrored with the values (PS3.3 C.11.2.1.2.1)
+        ds.WindowCenter = top + 1 - float(ds.WindowCenter)
 
 
 GRAYSCALE: dict[str, tuple[str, Mutation]] = {
