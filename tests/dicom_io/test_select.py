@@ -279,8 +279,8 @@ def test_for_processing_is_analysed_only_when_alone() -> None:
 
 def test_loop_guard_recognises_identity_not_sop_class() -> None:
     own = OwnIdentity(
-        manufacturers={"radflag project"},
-        model_names={"radflag-pneumonia-cxr"},
+        manufacturers=frozenset({"radflag project"}),
+        model_names=frozenset({"radflag-pneumonia-cxr"}),
         device_observer_uids=frozenset({"2.25.42"}),
     )
     sc = str(SecondaryCaptureImageStorage)
