@@ -329,7 +329,7 @@ class StudyProcessor:
 
         by_uid = {h.header.sop_instance_uid: h for h in headers}
         plan: list[tuple[LoadedModel, list[_Selected]]] = []
-        reasons: dict[str, Any] = {"unreadable": {}}
+        reasons: dict[str, Any] = {}
         for loaded in self._models:
             selection = select_images(
                 [h.header for h in headers], loaded.modalities, self._rules, self._own
