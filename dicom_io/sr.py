@@ -297,7 +297,33 @@ def _library_view(ds: Dataset) -> Dataset:
     frame_of_reference = str(ds.get("FrameOfReferenceUID", "") or "")
     if valid_uid(frame_of_reference):
         view.FrameOfReferenceUID = frame_of_reference
+    if str(ds.get("Modality", "")).upper() == "CT" and _cross_sectional_geometry(ds, view):
+        view.Modality = "CT"  # highdicom's TID 1604 descriptors, all values checked
     return view
+
+
+def _numbers(value: Any, count: int) -> list[float] | None:
+    """Return ``count`` finite numbers from a multi-valued DS, else None."""
+    try:
+        numbers = [float(v) for v in value] if value is not None else []
+    except (TypeError, ValueError):
+        return None
+    return numbers if len(numbers) == count and all(map(math.isfinite, numbers)) else None
+
+
+def _cross_sectional_geometry(ds: Dataset, view: Dataset) -> bool:
+    """Copy Pixel Spacing, Slice Thickness and the plane (TID 1604) when all are valid."""
+    spacing = _positive_pair(ds.get("PixelSpacing"))
+    thickness = _numbers([ds.get("SliceThickness")], 1)
+    orientation = _numbers(ds.get("ImageOrientationPatient"), 6)
+    position = _numbers(ds.get("ImagePositionPatient"), 3)
+    if spacing is None or thickness is None or orientation is None or position is None:
+        return False
+    view.PixelSpacing = list(spacing)
+    view.SliceThickness = thickness[0]
+    view.ImageOrientationPatient = orientation
+    view.ImagePositionPatient = position
+    return True
 
 
 ACQUISITION_MODALITIES = {
