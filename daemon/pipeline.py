@@ -357,6 +357,9 @@ class StudyProcessor:
                 if uid not in decoded:
                     decoded[uid] = _decode(sel.instance)
         decode_ms = (time.perf_counter() - t_decode) * 1000
+        ignored = _grayscale_notes(decoded)
+        if ignored:
+            reasons["grayscale_ignored"] = ignored
 
         records: list[ResultRecord] = []
         problems: dict[str, str] = {}
@@ -591,6 +594,15 @@ class StudyProcessor:
                 "quarantine_path": next(iter(quarantined.values()), None),
             },
         )
+
+
+def _grayscale_notes(decoded: dict[str, DecodedImage]) -> dict[str, list[str]]:
+    """Return, per instance, the grayscale attributes ignored as unusable (for the audit)."""
+    return {
+        uid: list(image.presentation.notes)
+        for uid, image in decoded.items()
+        if image.presentation is not None and image.presentation.notes
+    }
 
 
 def _pixel_meta(sel: _Selected, decoded: dict[str, DecodedImage]) -> PixelMeta:

@@ -111,6 +111,7 @@ def test_messy_header_gives_a_result_and_audits_the_repairs(
             delattr(ds, keyword)
     ds.PatientOrientation = ""
     ds.PixelSpacing = [0, 0]
+    ds.WindowWidth = 0  # unusable: ignored, the model's intensity range applies
     raw = b"3b5d5c3712955042212316173ccf37be800003b8e4c5cb8b8b0f6a2c1bd1e1d7"
     ds[0x00100030] = RawDataElement(Tag(0x00100030), "DA", len(raw), raw, 0, False, True)
     app = start_app(make_settings(tmp_path, pacs.port))
@@ -120,6 +121,8 @@ def test_messy_header_gives_a_result_and_audits_the_repairs(
     (selected,) = [e for e in audit_trail(app.sessions, uid) if e.event_type == "IMAGES_SELECTED"]
     repairs = selected.detail["header_repairs"][str(ds.SOPInstanceUID)]
     assert "PatientBirthDate (DA): emptied (invalid DA)" in repairs
+    (ignored,) = selected.detail["grayscale_ignored"][str(ds.SOPInstanceUID)]
+    assert "WindowWidth" in ignored
     sr, sc = sorted(pacs.wait_for(2), key=lambda d: str(d.Modality), reverse=True)
     assert sr.Modality == "SR" and sr.PatientBirthDate == ""
     assert sc.Modality == "OT" and sc.PatientBirthDate == ""
