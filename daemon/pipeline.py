@@ -1,9 +1,27 @@
 """Processing one claimed study: select, decode, classify, write the SR, record the outcome.
 
 This is the worker's unit of work (see the data flow in ``ARCHITECTURE.md``). Errors split in
-two: permanent ones (undecodable pixel data, a study with nothing to classify) end the study
-in FAILED / NOT_APPLICABLE with the reason; anything unexpected is retried by the queue up to
-``worker.max_attempts``.
+two (ARCHITECTURE principle 8):
+
+- **permanent** -- the content itself prevents a result, retrying cannot help: an instance
+  whose header cannot be parsed or whose pixel data cannot be decoded
+  (:class:`~dicom_io.reader.DecodeError`; the file is quarantined with the reader's reason
+  and the study FAILED, naming the instance), a spool file that is gone, a header value
+  radflag cannot interpret (:class:`PermanentProcessingError`, naming the attribute), a
+  study with nothing to classify (NOT_APPLICABLE with the selection reasons). Logged as one
+  warning line, never a traceback, and never retried.
+- **transient** -- I/O errors other than a missing file, database errors: retried by the
+  queue with backoff up to ``worker.max_attempts``, logged as one line.
+
+Anything else is unexpected (a programming error or an unknown library failure): logged with
+its traceback and retried up to ``worker.max_attempts``, then FAILED.
+
+Acknowledged instances that can no longer be read are handled like undecodable ones: the
+study fails once, with the instance quarantined, rather than being classified without it
+(a result silently based on part of a study would be worse than none).
+Header values that are invalid but not needed for classification (dates, names, ages...)
+never fail a study: they are repaired in the SR/SC copy (:mod:`dicom_io.headers`) and the
+repairs are listed under ``header_repairs`` in the audit detail of the classification.
 """
 
 from __future__ import annotations
@@ -19,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.models import LoadedModel
@@ -40,6 +59,7 @@ from db.results import (
     study_sender,
 )
 from db.retention import purged_instances
+from dicom_io.headers import repair_sources
 from dicom_io.kos import build_rejection_note
 from dicom_io.reader import (
     DecodedImage,
@@ -58,7 +78,7 @@ from dicom_io.revisions import (
     set_revision_number,
 )
 from dicom_io.sc import build_heatmap_sc, encode_in
-from dicom_io.select import select_images
+from dicom_io.select import OwnIdentity, select_images
 from dicom_io.spool import Spool
 from dicom_io.sr import (
     AlgorithmInfo,
@@ -66,6 +86,7 @@ from dicom_io.sr import (
     SRStorageClass,
     as_comprehensive_sr,
     build_sr,
+    device_observer_uid,
     model_identity,
 )
 from model.infer import aggregate_study
@@ -79,6 +100,81 @@ class PermanentProcessingError(Exception):
     """The study's content itself prevents a result; retrying cannot help."""
 
 
+class UnreadableInstance(PermanentProcessingError):
+    """An acknowledged instance cannot be read or decoded any more (quarantined, FAILED).
+
+    Parameters
+    ----------
+    instance
+        The claimed instance.
+    reason
+        The reader's or decoder's reason.
+    what
+        ``header``, ``pixel data`` or ``file``: what could not be read.
+    """
+
+    def __init__(self, instance: ClaimedInstance, reason: str, what: str) -> None:
+        super().__init__(f"cannot read the {what} of {instance.sop_instance_uid}: {reason}")
+        self.instance = instance
+        self.reason = reason
+        self.what = what
+
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, SQLAlchemyError)
+"""Failures that may heal (I/O, database): the study is retried later."""
+
+
+def _agent_info(loaded: LoadedModel) -> AlgorithmInfo:
+    """Return the identity of a loaded model as written into its results."""
+    card, identity = loaded.bundle.card, loaded.bundle.identity
+    return AlgorithmInfo(
+        name=card.name,
+        version=card.version,
+        manufacturer=card.manufacturer,
+        weights_sha256=identity.weights_sha256,
+        threshold=card.threshold,
+    )
+
+
+def own_identity(models: list[LoadedModel]) -> OwnIdentity:
+    """Return radflag's identity in the results of ``models`` (the loop guard's input)."""
+    infos = [_agent_info(m) for m in models]
+    return OwnIdentity(
+        manufacturers=frozenset(i.manufacturer for i in infos),
+        model_names=frozenset(i.name[:64] for i in infos),
+        device_observer_uids=frozenset(device_observer_uid(i) for i in infos),
+    )
+
+
+def _read_header(inst: ClaimedInstance) -> ImageHeader:
+    """Read one instance's header; a parse failure or a vanished file is permanent."""
+    try:
+        return read_header(Path(inst.path))
+    except DecodeError as exc:
+        raise UnreadableInstance(inst, exc.reason, "header") from exc
+    except FileNotFoundError as exc:
+        raise UnreadableInstance(inst, "the spooled file is missing", "file") from exc
+
+
+def _decode(inst: ClaimedInstance) -> DecodedImage:
+    """Decode one selected image; decoder failures are permanent, other I/O is transient."""
+    try:
+        return read_image(Path(inst.path))
+    except DecodeError as exc:
+        raise UnreadableInstance(inst, exc.reason, "pixel data") from exc
+    except FileNotFoundError as exc:
+        raise UnreadableInstance(inst, "the spooled file is missing", "file") from exc
+
+
+def _read_source(inst: ClaimedInstance) -> Dataset:
+    try:
+        return read_dataset(Path(inst.path), with_pixels=False)
+    except DecodeError as exc:
+        raise UnreadableInstance(inst, exc.reason, "header") from exc
+    except FileNotFoundError as exc:
+        raise UnreadableInstance(inst, "the spooled file is missing", "file") from exc
+
+
 @dataclass(frozen=True)
 class _Selected:
     instance: ClaimedInstance
@@ -86,17 +182,38 @@ class _Selected:
 
 
 def to_pixel_meta(image: DecodedImage) -> PixelMeta:
-    """Map the DICOM reader's pixel description onto the model's (the model never sees pydicom)."""
+    """Map the DICOM reader's pixel description onto the model's (the model never sees pydicom).
+
+    The grey levels come from :mod:`dicom_io.grayscale` (:func:`model_pixels`): P-values with
+    an identity LINEAR_EXACT window when a VOI transform was applied, else modality values
+    with their polarity and no window (the model's percentile range applies).
+    """
+    grey = image.presentation
+    if grey is None:
+        return PixelMeta(
+            photometric=image.photometric,
+            rescale_slope=image.rescale_slope,
+            rescale_intercept=image.rescale_intercept,
+            window_center=image.window_center,
+            window_width=image.window_width,
+            voi_lut_function=image.voi_lut_function,
+            bits_stored=image.bits_stored,
+            pixel_spacing_mm=image.pixel_spacing_mm,
+        )
+    window = grey.window
     return PixelMeta(
-        photometric=image.photometric,
-        rescale_slope=image.rescale_slope,
-        rescale_intercept=image.rescale_intercept,
-        window_center=image.window_center,
-        window_width=image.window_width,
-        voi_lut_function=image.voi_lut_function,
+        photometric=grey.photometric,
+        window_center=None if window is None else window[0],
+        window_width=None if window is None else window[1],
+        voi_lut_function="LINEAR" if window is None else window[2],
         bits_stored=image.bits_stored,
         pixel_spacing_mm=image.pixel_spacing_mm,
     )
+
+
+def model_pixels(image: DecodedImage) -> npt.NDArray[Any]:
+    """Return the grey levels the model and the heatmap picture both use."""
+    return image.pixels if image.presentation is None else image.presentation.values
 
 
 class _Payloads:
@@ -152,7 +269,7 @@ def _explain(loaded: LoadedModel, pixels: npt.NDArray[Any], meta: PixelMeta) -> 
 def _display(image: DecodedImage, meta: PixelMeta, loaded: LoadedModel) -> npt.NDArray[np.uint8]:
     """Return the image as a viewer shows it (:func:`model.preprocess.to_display`)."""
     return np.asarray(
-        to_display(image.pixels, meta, loaded.bundle.card.preprocess_spec), dtype=np.uint8
+        to_display(model_pixels(image), meta, loaded.bundle.card.preprocess_spec), dtype=np.uint8
     )
 
 
@@ -262,6 +379,7 @@ class StudyProcessor:
         self._results = results
         self._models = models
         self._rules = settings.selection.to_rules()
+        self._own = own_identity(models)
 
     def process(self, claim: ClaimedStudy) -> None:
         """Process ``claim`` to a recorded outcome; never raises except on programming errors."""
@@ -270,12 +388,26 @@ class StudyProcessor:
             self._process(claim)
         except LeaseLost as exc:
             log.warning("result discarded: study changed while processing (%s)", exc, extra=extra)
+        except UnreadableInstance as exc:
+            with contextlib.suppress(LeaseLost):
+                self._fail_unreadable(claim, exc)
         except PermanentProcessingError as exc:
             log.warning("study failed: %s", exc, extra=extra)
             with contextlib.suppress(LeaseLost):
                 finish_failed(self._sessions, claim, str(exc))
+        except TRANSIENT_ERRORS as exc:
+            log.warning(
+                "transient failure; will retry: %s: %s", type(exc).__name__, exc, extra=extra
+            )
+            with contextlib.suppress(LeaseLost):
+                retry_later(
+                    self._sessions,
+                    claim,
+                    f"{type(exc).__name__}: {exc}",
+                    max_attempts=self._settings.worker.max_attempts,
+                )
         except Exception as exc:
-            log.exception("processing failed; will retry", extra=extra)
+            log.exception("unexpected processing error; will retry", extra=extra)
             with contextlib.suppress(LeaseLost):
                 retry_later(
                     self._sessions,
@@ -287,19 +419,15 @@ class StudyProcessor:
     def _process(self, claim: ClaimedStudy) -> None:
         t_start = time.perf_counter()
         refuse_purged_study(self._sessions, claim)
-        headers: list[_Selected] = []
-        unreadable: dict[str, str] = {}
-        for inst in claim.instances:
-            try:
-                headers.append(_Selected(inst, read_header(Path(inst.path))))
-            except Exception as exc:  # noqa: BLE001 - an unreadable file is a recorded reason
-                unreadable[inst.sop_instance_uid] = f"{type(exc).__name__}: {exc}"
+        headers = [_Selected(inst, _read_header(inst)) for inst in claim.instances]
 
         by_uid = {h.header.sop_instance_uid: h for h in headers}
         plan: list[tuple[LoadedModel, list[_Selected]]] = []
-        reasons: dict[str, Any] = {"unreadable": unreadable}
+        reasons: dict[str, Any] = {}
         for loaded in self._models:
-            selection = select_images([h.header for h in headers], loaded.modalities, self._rules)
+            selection = select_images(
+                [h.header for h in headers], loaded.modalities, self._rules, self._own
+            )
             chosen = [by_uid[h.sop_instance_uid] for h in selection.selected]
             reasons[loaded.bundle.card.name] = {
                 "selected": [h.header.sop_instance_uid for h in chosen],
@@ -320,23 +448,26 @@ class StudyProcessor:
         for _, chosen in plan:
             for sel in chosen:
                 uid = sel.header.sop_instance_uid
-                if uid in decoded:
-                    continue
-                try:
-                    decoded[uid] = read_image(Path(sel.instance.path))
-                except DecodeError as exc:
-                    self._fail_undecodable(claim, sel, str(exc))
-                    return
+                if uid not in decoded:
+                    decoded[uid] = _decode(sel.instance)
         decode_ms = (time.perf_counter() - t_decode) * 1000
+        ignored = _grayscale_notes(decoded)
+        if ignored:
+            reasons["grayscale_ignored"] = ignored
 
         records: list[ResultRecord] = []
         problems: dict[str, str] = {}
+        repairs: dict[str, list[str]] = {}
         for loaded, chosen in plan:
             records.append(
-                self._classify(claim, loaded, chosen, decoded, decode_ms, t_start, problems)
+                self._classify(
+                    claim, loaded, chosen, decoded, (decode_ms, t_start), problems, repairs
+                )
             )
         if problems:
             reasons["output_problems"] = problems
+        if repairs:
+            reasons["header_repairs"] = repairs
         has_outputs = record_classification(self._sessions, claim, records, selection=reasons)
         log.info(
             "study classified",
@@ -360,18 +491,16 @@ class StudyProcessor:
         loaded: LoadedModel,
         chosen: list[_Selected],
         decoded: dict[str, DecodedImage],
-        decode_ms: float,
-        t_start: float,
+        timing: tuple[float, float],
         problems: dict[str, str],
+        repairs: dict[str, list[str]],
     ) -> ResultRecord:
+        decode_ms, t_start = timing
         card = loaded.bundle.card
         identity = loaded.bundle.identity
         t0 = time.perf_counter()
         items = [
-            (
-                decoded[s.header.sop_instance_uid].pixels,
-                to_pixel_meta(decoded[s.header.sop_instance_uid]),
-            )
+            (model_pixels(decoded[s.header.sop_instance_uid]), _pixel_meta(s, decoded))
             for s in chosen
         ]
         predictions = loaded.classifier.classify(items)
@@ -384,9 +513,8 @@ class StudyProcessor:
         positive = probability >= card.threshold
 
         t_sr = time.perf_counter()
-        sources: list[Dataset] = [
-            read_dataset(Path(s.instance.path), with_pixels=False) for s in chosen
-        ]
+        sources, repaired = repair_sources(_read_source(s.instance) for s in chosen)
+        repairs.update(repaired)
         finding = FindingResult(
             code_value=card.finding.value,
             code_scheme=card.finding.scheme,
@@ -394,13 +522,7 @@ class StudyProcessor:
             probability=probability,
             present=positive,
         )
-        algorithm = AlgorithmInfo(
-            name=card.name,
-            version=card.version,
-            manufacturer=card.manufacturer,
-            weights_sha256=identity.weights_sha256,
-            threshold=card.threshold,
-        )
+        algorithm = _agent_info(loaded)
         content = result_content(per_image, finding, card.threshold)
         prior = prior_revision(self._sessions, claim.study_id, identity.name)
         try:
@@ -537,7 +659,7 @@ class StudyProcessor:
         """Build the heatmap picture of the study's key image (the one with the top probability)."""
         image = decoded[key.header.sop_instance_uid]
         meta = to_pixel_meta(image)
-        heatmap = _explain(loaded, image.pixels, meta)
+        heatmap = _explain(loaded, model_pixels(image), meta)
         display = _display(image, meta, loaded)
         source = next(ds for ds in sources if str(ds.SOPInstanceUID) == key.header.sop_instance_uid)
         series_uid, sop_uid = content_result_uids(
@@ -595,21 +717,49 @@ class StudyProcessor:
             )
         return tuple(records)
 
-    def _fail_undecodable(self, claim: ClaimedStudy, sel: _Selected, reason: str) -> None:
-        path = Path(sel.instance.path)
-        try:
-            moved = self._spool.quarantine(path, reason)
-        except Exception as exc:  # noqa: BLE001 - keep the file where it is, still fail
-            log.error("could not quarantine an undecodable file: %s", exc)
-            moved = path
+    def _fail_unreadable(self, claim: ClaimedStudy, exc: UnreadableInstance) -> None:
+        """Quarantine the instance's file (when it still exists) and fail the study once."""
+        path = Path(exc.instance.path)
+        quarantined: dict[int, str] = {}
+        if path.exists():
+            try:
+                moved = self._spool.quarantine(path, exc.reason)
+                quarantined[exc.instance.instance_id] = self._spool.relative(moved)
+            except OSError as error:  # keep the file where it is, still fail
+                log.error("could not quarantine an unreadable file: %s", error)
         log.warning(
-            "pixel data cannot be decoded; study failed",
-            extra={"study_instance_uid": claim.study_instance_uid, "reason": reason},
+            "%s cannot be read; study failed",
+            exc.what,
+            extra={"study_instance_uid": claim.study_instance_uid, "reason": exc.reason},
         )
         finish_failed(
             self._sessions,
             claim,
-            f"cannot decode pixel data of {sel.header.sop_instance_uid}: {reason}",
-            quarantined={sel.instance.instance_id: self._spool.relative(moved)},
-            detail={"sop_instance_uid": sel.header.sop_instance_uid, "quarantine_path": str(moved)},
+            str(exc),
+            quarantined=quarantined,
+            detail={
+                "sop_instance_uid": exc.instance.sop_instance_uid,
+                "unreadable": exc.what,
+                "reason": exc.reason,
+                "quarantine_path": next(iter(quarantined.values()), None),
+            },
         )
+
+
+def _grayscale_notes(decoded: dict[str, DecodedImage]) -> dict[str, list[str]]:
+    """Return, per instance, the grayscale attributes ignored as unusable (for the audit)."""
+    return {
+        uid: list(image.presentation.notes)
+        for uid, image in decoded.items()
+        if image.presentation is not None and image.presentation.notes
+    }
+
+
+def _pixel_meta(sel: _Selected, decoded: dict[str, DecodedImage]) -> PixelMeta:
+    """Return the model's pixel description; a value it cannot take is a permanent error."""
+    try:
+        return to_pixel_meta(decoded[sel.header.sop_instance_uid])
+    except ValueError as exc:
+        raise PermanentProcessingError(
+            f"{sel.header.sop_instance_uid}: unsupported image attributes: {exc}"
+        ) from exc

@@ -18,8 +18,9 @@ from daemon.proc import set_thread_role
 from daemon.settings import DestinationSettings, Settings
 from db.admin_actions import Target, note_study_identifiers, on_duplicate_push
 from db.ingest import NewInstance, PatientIdPolicy, record_instance
+from dicom_io.reader import DecodeError, read_header
 from dicom_io.scp import ReceivedInstance, SinkUnavailable
-from dicom_io.select import is_never_classified
+from dicom_io.select import ANALYSED_SOP_CLASSES, SECONDARY_CAPTURE_SOP_CLASSES, is_result_like
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,23 @@ class DuplicatePushHandler:
         return last is None or now - last > self._debounce_s
 
 
+def _reopens_study(instance: ReceivedInstance) -> bool:
+    """Return False for a result object (loop guard): it must not reopen a finished study.
+
+    CR/DX/CT images always reopen; results are recognised by content (non-image SOP
+    classes) or, for a Secondary Capture, by its header (:func:`dicom_io.select.is_result_like`).
+    """
+    sop_class = instance.sop_class_uid
+    if sop_class in ANALYSED_SOP_CLASSES and sop_class not in SECONDARY_CAPTURE_SOP_CLASSES:
+        return True
+    if sop_class not in ANALYSED_SOP_CLASSES:
+        return False
+    try:
+        return not is_result_like(read_header(instance.path))
+    except (DecodeError, OSError):
+        return True  # the worker reads it again and records why it cannot
+
+
 class DatabaseSink:
     """Implements :class:`dicom_io.scp.InstanceSink` on the radflag database.
 
@@ -153,7 +171,7 @@ class DatabaseSink:
             path=self._stored_path(instance.path),
             size_bytes=instance.size_bytes,
             transfer_syntax_uid=instance.transfer_syntax_uid,
-            reopens_study=not is_never_classified(instance.sop_class_uid),
+            reopens_study=_reopens_study(instance),
             differs_from_spooled=instance.differs_from_spooled,
         )
         try:

@@ -2,9 +2,9 @@
 
 Pixel data in any transfer syntax of PS3.5 section 8 / Annex A (native, deflated, JPEG,
 JPEG-LS, JPEG 2000, RLE) is decoded by pydicom's pixel backends (pylibjpeg plugins, Pillow).
-Only the first frame is decoded. Values are returned as stored: the Modality LUT (rescale,
-PS3.3 C.11.1) and VOI LUT (window, PS3.3 C.11.2) are *not* applied but their parameters are
-returned so the model's preprocessing can apply them. Bits Stored smaller than Bits Allocated
+Only the first frame is decoded. Values are returned as stored, and also after the grayscale
+pipeline of :mod:`dicom_io.grayscale` (Modality LUT, VOI LUT, Presentation LUT; pydicom), which
+is what the model and the heatmap picture use. Bits Stored smaller than Bits Allocated
 and signed pixels (Pixel Representation 1) are handled by the decoder (masked and sign
 extended, PS3.5 8.1.1); YBR colour is converted to RGB.
 
@@ -29,9 +29,25 @@ from pydicom.pixels.processing import apply_color_lut
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from dicom_io.grayscale import PresentationImage, presentation_values
 from dicom_io.uids import clean_uid
 
 logger = logging.getLogger(__name__)
+
+
+class _NoDecoderTracebacks(logging.Filter):
+    """Drop pydicom's per-plugin decoder tracebacks (``LOGGER.exception`` in its decoders).
+
+    Every plugin's message is part of the ``RuntimeError`` pydicom raises afterwards, which
+    :func:`read_image` turns into a :class:`DecodeError` carrying the reason: an undecodable
+    file is a recorded outcome, not a traceback in the log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.exc_info
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_NoDecoderTracebacks())
 
 
 class DecodeError(Exception):
@@ -83,6 +99,12 @@ class ImageHeader:
     path: Path | None = None
     species: str | None = None
     descriptions: tuple[str, ...] = ()
+    manufacturer: str | None = None
+    model_name: str | None = None
+    series_description: str | None = None
+    burned_in_annotation: str | None = None
+    equipment: tuple[tuple[str, str], ...] = ()
+    observer_uids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -106,6 +128,9 @@ class DecodedImage:
         Bits Stored, or None.
     pixel_spacing_mm
         (row, column) spacing from Pixel Spacing, else Imager Pixel Spacing, or None.
+    presentation
+        The grey levels after the grayscale pipeline (:mod:`dicom_io.grayscale`): what the
+        model and the heatmap picture use.
     """
 
     pixels: np.ndarray[Any, Any]
@@ -117,6 +142,7 @@ class DecodedImage:
     voi_lut_function: str
     bits_stored: int | None
     pixel_spacing_mm: tuple[float, float] | None
+    presentation: PresentationImage | None = None
 
 
 def _first_float(value: Any) -> float | None:
@@ -235,6 +261,35 @@ def _descriptions(ds: Dataset) -> tuple[str, ...]:
     return tuple(t for t in texts if t)
 
 
+_DEVICE_OBSERVER_UID = "121012"
+"""DCM code of the Device Observer UID content item (PS3.16 TID 1004)."""
+
+
+def _equipment(ds: Dataset) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in ds.get("ContributingEquipmentSequence") or []:
+        pairs.append(
+            (_text(item, "Manufacturer") or "", _text(item, "ManufacturerModelName") or "")
+        )
+    return tuple(pairs)
+
+
+def _observer_uids(ds: Dataset, depth: int = 0) -> tuple[str, ...]:
+    """Device Observer UIDs in the first levels of an SR content tree (TID 1001/1004)."""
+    found: list[str] = []
+    if depth > 3:
+        return ()
+    for item in ds.get("ContentSequence") or []:
+        concept = item.get("ConceptNameCodeSequence") or []
+        if concept and str(concept[0].get("CodeValue", "")) == _DEVICE_OBSERVER_UID:
+            uid = clean_uid(item.get("UID"))
+            if uid:
+                found.append(str(uid))
+        elif item.get("ValueType") == "CONTAINER":
+            found.extend(_observer_uids(item, depth + 1))
+    return tuple(found)
+
+
 def read_header(path: Path) -> ImageHeader:
     """Read the header of a PS3.10 file without its pixel data.
 
@@ -300,6 +355,12 @@ def read_header(path: Path) -> ImageHeader:
             transfer_syntax_uid=None if transfer_syntax is None else str(transfer_syntax),
             species=_species(ds),
             descriptions=_descriptions(ds),
+            manufacturer=_text(ds, "Manufacturer"),
+            model_name=_text(ds, "ManufacturerModelName"),
+            series_description=_text(ds, "SeriesDescription"),
+            burned_in_annotation=_text(ds, "BurnedInAnnotation"),
+            equipment=_equipment(ds),
+            observer_uids=_observer_uids(ds),
         )
     except DecodeError:
         raise
@@ -373,6 +434,7 @@ def _to_decoded(ds: Dataset, pixels: np.ndarray[Any, Any], path: Path) -> Decode
         voi_lut_function=_text(ds, "VOILUTFunction") or "LINEAR",
         bits_stored=_int(ds, "BitsStored"),
         pixel_spacing_mm=_spacing(ds),
+        presentation=presentation_values(ds, pixels),
     )
 
 

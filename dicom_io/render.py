@@ -1,6 +1,9 @@
 """Pixels a viewer shows: a heatmap blended over a greyscale image, and a burned-in banner.
 
-Pure numpy/Pillow helpers used by :mod:`dicom_io.sc`. Nothing here reads or writes DICOM.
+Pure numpy/Pillow helpers used by :mod:`dicom_io.sc`. Nothing here reads or writes DICOM, and
+nothing here maps stored values to grey levels: the displayed image comes from the one
+grayscale pipeline (:mod:`dicom_io.grayscale`, then ``model.preprocess.to_display``), so the
+picture shows the grey levels the model saw.
 The banner is drawn in a black strip added above the image, so it never hides anatomy.
 """
 
@@ -138,38 +141,6 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, max_px: int) -> str:
     return text + "…"
 
 
-def window_to_uint8(
-    stored: npt.NDArray[Any],
-    *,
-    rescale_slope: float = 1.0,
-    rescale_intercept: float = 0.0,
-    window_center: float | None = None,
-    window_width: float | None = None,
-    invert: bool = False,
-) -> UInt8Image:
-    """Return a uint8 display rendering of greyscale stored values (a simple fallback).
-
-    Modality LUT (PS3.3 C.11.1) then a LINEAR VOI window (PS3.3 C.11.2.1.2.1) when one is
-    given with a positive width, else the image's 0.5-99.5 percentile range; ``invert`` for
-    MONOCHROME1. RGB input is converted to luminance first.
-    """
-    values = stored.astype(np.float64)
-    if values.ndim == 3 and values.shape[2] == 3:
-        values = values @ np.array([0.299, 0.587, 0.114])
-    if values.ndim != 2:
-        raise ValueError(f"stored must be (H, W) or (H, W, 3), got {stored.shape}")
-    values = values * rescale_slope + rescale_intercept
-    if window_center is not None and window_width is not None and window_width > 1:
-        low = window_center - 0.5 - (window_width - 1) / 2
-        high = window_center - 0.5 + (window_width - 1) / 2
-    else:
-        low, high = (float(v) for v in np.percentile(values, [0.5, 99.5]))
-    scaled = np.clip((values - low) / max(high - low, 1e-6), 0.0, 1.0)
-    if invert:
-        scaled = 1.0 - scaled
-    return np.round(scaled * 255.0).astype(np.uint8)
-
-
 def render_result_image(
     display: UInt8Image,
     heatmap: npt.NDArray[np.floating[Any]] | None,
@@ -187,5 +158,4 @@ __all__ = [
     "enlarge",
     "jet",
     "render_result_image",
-    "window_to_uint8",
 ]

@@ -26,6 +26,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
+from dicom_io.headers import repair_source
 from dicom_io.render import render_result_image
 from dicom_io.sr import AlgorithmInfo, FindingResult
 from dicom_io.uids import is_valid_uid
@@ -107,6 +108,7 @@ def build_heatmap_sc(
     ):
         if not is_valid_uid(value):
             raise ValueError(f"{name} is not a valid UID: {value!r}")
+    source = repair_source(source).dataset  # patient/study values copied must be valid
     pixels = render_result_image(
         display, heatmap, banner_lines(finding, algorithm, heatmap=heatmap is not None)
     )
@@ -126,11 +128,13 @@ def build_heatmap_sc(
     )
     if "Laterality" not in sc:
         # General Series (PS3.3 C.7.3.1): Type 2C for paired body parts; unknown -> empty.
-        sc.Laterality = source.get("Laterality", "")
+        laterality = str(source.get("Laterality", "") or "")
+        sc.Laterality = laterality if laterality in ("R", "L") else ""
     if _orientation(source) is None:
         sc["PatientOrientation"].value = None  # Type 2 (PS3.3 C.7.6.1): unknown -> empty
     sc.BurnedInAnnotation = "YES"
-    sc.RecognizableVisualFeatures = str(source.get("RecognizableVisualFeatures", "NO")) or "NO"
+    recognizable = str(source.get("RecognizableVisualFeatures", "") or "")
+    sc.RecognizableVisualFeatures = recognizable if recognizable in ("YES", "NO") else "NO"
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.Modality = "OT"
     sc.SeriesDescription = f"AI heatmap {algorithm.name} {algorithm.version}"[:64]

@@ -30,14 +30,32 @@ from pydicom.uid import (
 )
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicom_io.select import SECONDARY_CAPTURE_SOP_CLASSES
+
+RESULT_SOP_CLASSES: tuple[UID, ...] = (
+    UID("1.2.840.10008.5.1.4.1.1.88.11"),  # Basic Text SR
+    UID("1.2.840.10008.5.1.4.1.1.88.22"),  # Enhanced SR
+    UID("1.2.840.10008.5.1.4.1.1.88.33"),  # Comprehensive SR
+    UID("1.2.840.10008.5.1.4.1.1.88.34"),  # Comprehensive 3D SR
+    UID("1.2.840.10008.5.1.4.1.1.88.59"),  # Key Object Selection Document
+    UID("1.2.840.10008.5.1.4.1.1.11.1"),  # Grayscale Softcopy Presentation State
+    UID("1.2.840.10008.5.1.4.1.1.66.4"),  # Segmentation
+)
+"""Result objects a PACS routes along with a study (radflag's own SR, other vendors' AI
+results): accepted and stored so a routed study never fails at the sender, never analysed
+(the loop guard of :mod:`dicom_io.select`), and they never reopen a finished study."""
+
 STORAGE_SOP_CLASSES: tuple[UID, ...] = (
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
     SecondaryCaptureImageStorage,
+    *(UID(u) for u in sorted(SECONDARY_CAPTURE_SOP_CLASSES - {SecondaryCaptureImageStorage})),
     CTImageStorage,
+    *RESULT_SOP_CLASSES,
 )
-"""Storage SOP classes accepted by the listener (PS3.4 B.5)."""
+"""Storage SOP classes accepted by the listener (PS3.4 B.5): images radflag may analyse
+(CR, DX, Secondary Capture single and multi-frame, CT) and :data:`RESULT_SOP_CLASSES`."""
 
 VERIFICATION_SOP_CLASS: UID = Verification
 """Verification SOP class for C-ECHO (PS3.4 Annex A)."""

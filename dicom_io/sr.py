@@ -46,15 +46,19 @@ from highdicom.sr import (
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
+    NumContentItem,
     ObservationContext,
     ObserverContext,
     QualitativeEvaluation,
+    RelationshipTypeValues,
     SourceImageForMeasurementGroup,
+    TextContentItem,
     TrackingIdentifier,
 )
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from dicom_io.headers import repair_source, valid_uid
 from dicom_io.revisions import ModelIdentity, algorithm_device_uid
 from dicom_io.uids import is_valid_uid
 
@@ -240,6 +244,153 @@ def _measurement_group(
     )
 
 
+SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+"""Secondary Capture Image Storage and its multi-frame variants (PS3.4 B.5)."""
+
+PROJECTION_MODALITIES = frozenset({"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"})
+"""Modalities for which highdicom adds TID 1603 projection descriptors."""
+
+
+def _positive_pair(value: Any) -> tuple[float, float] | None:
+    """Return two positive finite numbers (row, column) from a 2-valued DS, else None."""
+    try:
+        pair = (float(value[0]), float(value[1])) if value is not None and len(value) == 2 else None
+    except (TypeError, ValueError, IndexError):
+        return None
+    if pair is None or not all(math.isfinite(v) and v > 0 for v in pair):
+        return None
+    return pair
+
+
+def _orientation_pair(value: Any) -> tuple[str, str] | None:
+    """Return Patient Orientation (PS3.3 C.7.6.1.1.1) row and column, when both are given."""
+    if value is None or isinstance(value, str) or len(value) != 2:
+        return None
+    pair = (str(value[0]).strip(), str(value[1]).strip())
+    return pair if all(pair) else None
+
+
+def _library_descriptors(ds: Dataset) -> list[Any]:
+    """TID 1603 descriptors of a projection image, only those present and valid.
+
+    Patient Orientation (row, column) and Imager Pixel Spacing (vertical, horizontal), each
+    only when the source carries a valid value; an old CR without them gets none.
+    """
+    items: list[Any] = []
+    acq = RelationshipTypeValues.HAS_ACQ_CONTEXT
+    orientation = _orientation_pair(ds.get("PatientOrientation"))
+    if orientation is not None:
+        items.append(TextContentItem(codes.DCM.PatientOrientationRow, orientation[0], acq))
+        items.append(TextContentItem(codes.DCM.PatientOrientationColumn, orientation[1], acq))
+    spacing = _positive_pair(ds.get("ImagerPixelSpacing"))
+    if spacing is not None:
+        mm = codes.UCUM.Millimeter
+        for name, value in (
+            (codes.DCM.HorizontalPixelSpacing, spacing[1]),
+            (codes.DCM.VerticalPixelSpacing, spacing[0]),
+        ):
+            items.append(NumContentItem(name, value, mm, relationship_type=acq))
+    return items
+
+
+def _library_view(ds: Dataset) -> Dataset:
+    """Return the part of a source that highdicom's TID 1600 image library reads, made safe.
+
+    highdicom adds modality-specific descriptors unconditionally (and fails on an absent or
+    empty Patient Orientation or Imager Pixel Spacing), so the view carries only the
+    identifying attributes, Rows/Columns, a valid Frame of Reference UID and a neutral
+    Modality; :func:`_add_library_descriptors` then adds the descriptors that are valid.
+    """
+    view = Dataset()
+    view.SOPClassUID = ds.SOPClassUID
+    view.SOPInstanceUID = ds.SOPInstanceUID
+    view.Modality = "OT"
+    for keyword in ("Rows", "Columns"):
+        value = ds.get(keyword)
+        setattr(view, keyword, int(value) if isinstance(value, int) and value > 0 else 1)
+    frame_of_reference = str(ds.get("FrameOfReferenceUID", "") or "")
+    if valid_uid(frame_of_reference):
+        view.FrameOfReferenceUID = frame_of_reference
+    if str(ds.get("Modality", "")).upper() == "CT" and _cross_sectional_geometry(ds, view):
+        view.Modality = "CT"  # highdicom's TID 1604 descriptors, all values checked
+    return view
+
+
+def _numbers(value: Any, count: int) -> list[float] | None:
+    """Return ``count`` finite numbers from a multi-valued DS, else None."""
+    try:
+        numbers = [float(v) for v in value] if value is not None else []
+    except (TypeError, ValueError):
+        return None
+    return numbers if len(numbers) == count and all(map(math.isfinite, numbers)) else None
+
+
+def _cross_sectional_geometry(ds: Dataset, view: Dataset) -> bool:
+    """Copy Pixel Spacing, Slice Thickness and the plane (TID 1604) when all are valid."""
+    spacing = _positive_pair(ds.get("PixelSpacing"))
+    thickness = _numbers([ds.get("SliceThickness")], 1)
+    orientation = _numbers(ds.get("ImageOrientationPatient"), 6)
+    position = _numbers(ds.get("ImagePositionPatient"), 3)
+    if spacing is None or thickness is None or orientation is None or position is None:
+        return False
+    view.PixelSpacing = list(spacing)
+    view.SliceThickness = thickness[0]
+    view.ImageOrientationPatient = orientation
+    view.ImagePositionPatient = position
+    return True
+
+
+ACQUISITION_MODALITIES = {
+    "CR": CodedConcept("CR", "DCM", "Computed Radiography"),
+    "DX": CodedConcept("DX", "DCM", "Digital Radiography"),
+    "CT": CodedConcept("CT", "DCM", "Computed Tomography"),
+}
+"""Modality codes of PS3.16 CID 29 for the modalities radflag analyses."""
+
+_MODALITY_CONCEPT = "121139"
+
+
+def _fix_library_modality(entry: Dataset, source: Dataset) -> None:
+    """Give a Secondary Capture entry its acquisition modality (CID 29) or none.
+
+    highdicom derives TID 1602 row 1 from the SOP class, which for a Secondary Capture is
+    ``OT``, not a CID 29 code. A digitised chest film says CR/DX in Modality; otherwise the
+    optional descriptor is left out.
+    """
+    code = ACQUISITION_MODALITIES.get(str(source.get("Modality", "")).upper())
+    kept = []
+    for item in entry.ContentSequence:
+        if item.ConceptNameCodeSequence[0].CodeValue != _MODALITY_CONCEPT:
+            kept.append(item)
+        elif code is not None:
+            item.ConceptCodeSequence[0].CodeValue = code.value
+            item.ConceptCodeSequence[0].CodingSchemeDesignator = code.scheme_designator
+            item.ConceptCodeSequence[0].CodeMeaning = code.meaning
+            kept.append(item)
+    entry.ContentSequence = kept
+
+
+def _add_library_descriptors(report: MeasurementReport, sources: Sequence[Dataset]) -> None:
+    """Complete each image entry of the report's image library from its source.
+
+    Projection images get :func:`_library_descriptors`; Secondary Capture entries get their
+    acquisition modality (:func:`_fix_library_modality`).
+    """
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    for item in report[0].ContentSequence:
+        if item.ConceptNameCodeSequence[0].CodeValue != codes.DCM.ImageLibrary.value:
+            continue
+        for group in item.ContentSequence:
+            for entry in group.ContentSequence:
+                if entry.ValueType != "IMAGE":
+                    continue
+                source = by_uid[str(entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)]
+                if str(source.SOPClassUID).startswith(SECONDARY_CAPTURE_PREFIX):
+                    _fix_library_modality(entry, source)
+                if str(source.get("Modality", "")).upper() in PROJECTION_MODALITIES:
+                    entry.ContentSequence.extend(_library_descriptors(source))
+
+
 def build_sr(
     sources: Sequence[Dataset],
     finding: FindingResult | Sequence[FindingResult],
@@ -282,8 +433,15 @@ def build_sr(
     ------
     ValueError
         If the sources are empty, mix studies or patients, or lack UIDs, or a UID is invalid.
+
+    Notes
+    -----
+    The sources are copied through :func:`dicom_io.headers.repair_source` first: invalid
+    or over-long values of the copied patient/study attributes are repaired or emptied,
+    so a messy header never prevents the SR (call it yourself to audit the repairs).
     """
     _check_sources(sources)
+    sources = [repair_source(ds).dataset for ds in sources]
     for name, value in (
         ("series_instance_uid", series_instance_uid),
         ("sop_instance_uid", sop_instance_uid),
@@ -319,8 +477,9 @@ def build_sr(
             _measurement_group(item, algorithm, algorithm_id, sop_instance_uid, sources)
             for item in findings
         ],
-        referenced_images=list(sources),
+        referenced_images=[_library_view(ds) for ds in sources],
     )
+    _add_library_descriptors(report, sources)
     document_class = (
         Comprehensive3DSR if storage_class is SRStorageClass.COMPREHENSIVE_3D else ComprehensiveSR
     )

@@ -12,10 +12,14 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
+from daemon.pipeline import model_pixels, to_pixel_meta
+from dicom_io.grayscale import presentation_values
 from dicom_io.reader import read_image
-from dicom_io.render import blend_heatmap, window_to_uint8
+from dicom_io.render import blend_heatmap
 from dicom_io.sc import WARNING_LINE, banner_lines, build_heatmap_sc, encode_in
 from dicom_io.sr import AlgorithmInfo, FindingResult, result_uids
+from model.pixels import PixelMeta
+from model.preprocess import PreprocessSpec, to_display
 from tests.conftest import shared_path
 from tests.dicom_io.conftest import make_dx, require_tool
 
@@ -55,7 +59,18 @@ def _build(source: Dataset, display: np.ndarray, heatmap: np.ndarray | None) -> 
 
 
 def _display(source: Dataset) -> np.ndarray:
-    return window_to_uint8(source.pixel_array)
+    """The source as a viewer shows it: the one grayscale pipeline, then the model's range."""
+    grey = presentation_values(source, source.pixel_array)
+    window = grey.window
+    meta = PixelMeta(
+        photometric=grey.photometric,
+        window_center=None if window is None else window[0],
+        window_width=None if window is None else window[1],
+        voi_lut_function="LINEAR" if window is None else window[2],
+    )
+    return np.asarray(
+        to_display(grey.values, meta, PreprocessSpec(input_size=224, channels=1)), dtype=np.uint8
+    )
 
 
 def _dciodvfy(path: Path) -> tuple[str, list[str]]:
@@ -162,13 +177,11 @@ def test_real_chest_image_rendered_to_png(tmp_path: Path) -> None:
     study = make_study(1, tmp_path / "study", images=kermany_images(kermany, 1, label="pneumonia"))
     source = dcmread(study.paths[0])
     image = read_image(study.paths[0])
-    display = window_to_uint8(
-        image.pixels,
-        rescale_slope=image.rescale_slope,
-        rescale_intercept=image.rescale_intercept,
-        window_center=image.window_center,
-        window_width=image.window_width,
-        invert=image.photometric == "MONOCHROME1",
+    display = np.asarray(
+        to_display(
+            model_pixels(image), to_pixel_meta(image), PreprocessSpec(input_size=224, channels=1)
+        ),
+        dtype=np.uint8,
     )
     heat = _blob(display.shape, (0.6, 0.3))  # synthetic: right lower lobe (image left)
     sc = _build(source, display, heat)

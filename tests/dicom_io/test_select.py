@@ -17,7 +17,14 @@ from pydicom.uid import (
 )
 
 from dicom_io.reader import ImageHeader
-from dicom_io.select import DEFAULT_RULES, ExclusionReason, SelectionRules, select_images
+from dicom_io.select import (
+    DEFAULT_RULES,
+    ExclusionReason,
+    OwnIdentity,
+    SelectionRules,
+    is_result_like,
+    select_images,
+)
 
 BASE = ImageHeader(
     sop_instance_uid="1.2.3.1",
@@ -52,18 +59,47 @@ def variant(n: int, **changes: object) -> ImageHeader:
             {"modality": "MR", "sop_class_uid": str(MRImageStorage)},
             ExclusionReason.MODALITY_NOT_SUPPORTED,
         ),
-        ({"sop_class_uid": str(SecondaryCaptureImageStorage)}, ExclusionReason.OWN_OUTPUT_KIND),
+        (
+            {
+                "modality": "OT",
+                "body_part": None,
+                "sop_class_uid": str(SecondaryCaptureImageStorage),
+            },
+            ExclusionReason.MODALITY_NOT_SUPPORTED,
+        ),
         (
             {"modality": "SR", "sop_class_uid": str(ComprehensiveSRStorage)},
-            ExclusionReason.OWN_OUTPUT_KIND,
+            ExclusionReason.NOT_AN_IMAGE_SOP_CLASS,
         ),
         (
             {"modality": "KO", "sop_class_uid": str(KeyObjectSelectionDocumentStorage)},
-            ExclusionReason.OWN_OUTPUT_KIND,
+            ExclusionReason.NOT_AN_IMAGE_SOP_CLASS,
         ),
         (
             {"modality": "PR", "sop_class_uid": str(GrayscaleSoftcopyPresentationStateStorage)},
-            ExclusionReason.OWN_OUTPUT_KIND,
+            ExclusionReason.NOT_AN_IMAGE_SOP_CLASS,
+        ),
+        (
+            {"modality": "SEG", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.66.4"},
+            ExclusionReason.NOT_AN_IMAGE_SOP_CLASS,
+        ),
+        (
+            {
+                "modality": "OT",
+                "sop_class_uid": str(SecondaryCaptureImageStorage),
+                "burned_in_annotation": "YES",
+                "descriptions": ("VENDOR AI HEATMAP",),
+            },
+            ExclusionReason.AI_RESULT,
+        ),
+        (
+            {
+                "modality": "OT",
+                "sop_class_uid": str(SecondaryCaptureImageStorage),
+                "series_description": "AI HEATMAP RADFLAG-PNEUMONIA 1.0",
+                "series_number": 9902,
+            },
+            ExclusionReason.OWN_OUTPUT,
         ),
         ({"sop_class_uid": "1.2.840.10008.5.1.4.1.1.1.2"}, ExclusionReason.NOT_AN_IMAGE_SOP_CLASS),
         (
@@ -96,6 +132,25 @@ def test_exclusion_rules(changes: dict[str, object], reason: ExclusionReason) ->
         {"modality": "cr", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.1"},
         {"image_type": ()},
         {"image_type": ("DERIVED", "PRIMARY")},
+        # Secondary Capture radiographs (digitised films, public collections)
+        {"modality": "CR", "sop_class_uid": str(SecondaryCaptureImageStorage)},
+        {
+            "modality": "CR",
+            "sop_class_uid": str(SecondaryCaptureImageStorage),
+            "image_type": ("DERIVED", "SECONDARY"),
+        },
+        {"modality": "OT", "sop_class_uid": str(SecondaryCaptureImageStorage)},  # CHEST
+        {
+            "modality": "OT",
+            "body_part": None,
+            "descriptions": ("CXR PA",),
+            "sop_class_uid": "1.2.840.10008.5.1.4.1.1.7.4",  # multi-frame true colour SC
+        },
+        {
+            "modality": "DX",
+            "sop_class_uid": "1.2.840.10008.5.1.4.1.1.7.3",  # multi-frame word SC, 1 frame
+            "burned_in_annotation": "YES",  # a film label, not an AI result
+        },
     ],
 )
 def test_accepted_variants(changes: dict[str, object]) -> None:
@@ -214,3 +269,46 @@ def test_real_files_selection() -> None:
         "JPEG2KLossless_1s_1f_u_16_16.dcm",
     ]
     assert reasons == {"highdicom_dx_image.dcm": ExclusionReason.NOT_HUMAN}  # a dog's thorax
+
+
+def test_for_processing_is_analysed_only_when_alone() -> None:
+    raw = variant(7, sop_class_uid=str(DigitalXRayImageStorageForProcessing))
+    assert select_images([raw], {"DX"}).selected == [raw]
+    assert select_images([BASE, raw], {"DX"}).excluded == [(raw, ExclusionReason.FOR_PROCESSING)]
+
+
+def test_loop_guard_recognises_identity_not_sop_class() -> None:
+    own = OwnIdentity(
+        manufacturers=frozenset({"radflag project"}),
+        model_names=frozenset({"radflag-pneumonia-cxr"}),
+        device_observer_uids=frozenset({"2.25.42"}),
+    )
+    sc = str(SecondaryCaptureImageStorage)
+    own_sc = variant(
+        2,
+        sop_class_uid=sc,
+        modality="OT",
+        manufacturer="RADFLAG PROJECT",
+        model_name="RADFLAG-PNEUMONIA-CXR",
+    )
+    own_sr = variant(3, sop_class_uid=str(ComprehensiveSRStorage), observer_uids=("2.25.42",))
+    other_sr = variant(4, sop_class_uid=str(ComprehensiveSRStorage), manufacturer="ACME AI")
+    film = variant(5, sop_class_uid=sc, modality="CR", manufacturer="ACME DIGITIZER")
+    contributed = variant(
+        6, manufacturer="ACME", equipment=(("RADFLAG PROJECT", "RADFLAG-PNEUMONIA-CXR"),)
+    )
+    result = select_images([own_sc, own_sr, other_sr, film, contributed], {"DX", "CR"}, own=own)
+    assert result.selected == [film]
+    assert dict((h.sop_instance_uid, r) for h, r in result.excluded) == {
+        "1.2.3.2": ExclusionReason.OWN_OUTPUT,
+        "1.2.3.3": ExclusionReason.OWN_OUTPUT,
+        "1.2.3.4": ExclusionReason.NOT_AN_IMAGE_SOP_CLASS,
+        "1.2.3.6": ExclusionReason.OWN_OUTPUT,
+    }
+    # ingest: result objects never reopen a finished study; a radiograph does
+    assert [is_result_like(h, own) for h in (own_sc, own_sr, other_sr, film)] == [
+        True,
+        True,
+        True,
+        False,
+    ]

@@ -51,11 +51,12 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "CR_hip_RG2_jpeg_lossless_sv1.dcm": ("NOT_APPLICABLE", "body_part_not_chest"),
     "CR_hip_RG2_jpegls_lossless.dcm": ("NOT_APPLICABLE", "body_part_not_chest"),
     "CR_extremity_RG3_j2k_lossless.dcm": ("NOT_APPLICABLE", "body_part_not_chest"),
-    "image_deflated.dcm": ("NOT_APPLICABLE", "own_output_kind"),
-    "SC_rgb_jpeg_baseline.dcm": ("NOT_APPLICABLE", "own_output_kind"),
-    "NM_jpeg_extended_12bit.dcm": ("NOT_APPLICABLE", "own_output_kind"),
-    "NM_jpeg_lossless_sv1.dcm": ("NOT_APPLICABLE", "own_output_kind"),
-    "NM_j2k_lossy.dcm": ("NOT_APPLICABLE", "own_output_kind"),
+    # Secondary Captures (OT, NM) that do not say chest: not radiographs radflag reads
+    "image_deflated.dcm": ("NOT_APPLICABLE", "modality_not_supported"),
+    "SC_rgb_jpeg_baseline.dcm": ("NOT_APPLICABLE", "modality_not_supported"),
+    "NM_jpeg_extended_12bit.dcm": ("NOT_APPLICABLE", "modality_not_supported"),
+    "NM_jpeg_lossless_sv1.dcm": ("NOT_APPLICABLE", "modality_not_supported"),
+    "NM_j2k_lossy.dcm": ("NOT_APPLICABLE", "modality_not_supported"),
     # zoo: SOP classes radflag does not serve (MR, Enhanced MR, US multi-frame)
     "MR_small_explicitLE.dcm": (REFUSED, None),
     "MR_small_implicitLE.dcm": (REFUSED, None),

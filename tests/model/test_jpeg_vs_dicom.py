@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from daemon.pipeline import to_pixel_meta
+from daemon.pipeline import model_pixels, to_pixel_meta
 from dicom_io.reader import read_image
 from model.preprocess import PreprocessSpec, load_image_file, preprocess
 from tests.peers.dicomgen import make_dx_from_image
@@ -42,8 +42,10 @@ def test_jpeg_and_dx_dicom_give_the_same_model_input(tmp_path: Path, photometric
     make_dx_from_image(jpeg, dcm, photometric=photometric, bits=16)  # type: ignore[arg-type]
     image = read_image(dcm)
     dicom_meta = to_pixel_meta(image)
-    assert dicom_meta.photometric == photometric and image.pixels.dtype.itemsize == 2
-    from_dicom = preprocess(image.pixels, dicom_meta, SPEC)
+    assert image.photometric == photometric and image.pixels.dtype.itemsize == 2
+    # the grey levels come from dicom_io's grayscale pipeline (VOI window applied: P-values)
+    assert dicom_meta.photometric == "MONOCHROME2" and dicom_meta.voi_lut_function == "LINEAR_EXACT"
+    from_dicom = preprocess(model_pixels(image), dicom_meta, SPEC)
 
     assert from_dicom.shape == from_jpeg.shape == (3, 96, 96)
     # normalised units (std 0.25): 0.02 is half an 8-bit grey level
