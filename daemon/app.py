@@ -41,7 +41,7 @@ from daemon.metrics import (
 )
 from daemon.models import LoadedModel, load_models
 from daemon.pipeline import StudyProcessor
-from daemon.proc import install_log_filter, remove_log_filter, set_thread_role
+from daemon.proc import install_log_filter, remove_log_filter, serve_identity, set_thread_role
 from daemon.retention import purge_spool
 from daemon.settings import Settings
 from daemon.sink import DatabaseSink, DuplicatePushHandler
@@ -51,9 +51,9 @@ from db.admin_models import ModelIdentity, record_models_in_use
 from db.audit import AuditEventType, audit, set_audit_process
 from db.cluster import (
     ROLES,
+    ProcessIdentity,
     heartbeat,
     mark_stopped,
-    new_identity,
     reclaim_dead,
     register,
     relativize_instance_paths,
@@ -115,12 +115,10 @@ class Radflag:
         settings: Settings,
         models: list[LoadedModel] | None = None,
         roles: Sequence[str] = ROLES,
+        identity: ProcessIdentity | None = None,
     ) -> None:
         self.settings = settings
-        self.identity = new_identity(
-            roles,
-            f"{settings.listener.ae_title}:{settings.listener.port}:{settings.storage.spool_dir}",
-        )
+        self.identity = identity or serve_identity(settings, roles)
         self.roles = self.identity.roles
         self.worker_id = self.identity.id
         self._log_filter: logging.Filter | None = install_log_filter(

@@ -26,15 +26,18 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from daemon.logsetup import configure_logging
+    from daemon.proc import install_log_filter, serve_identity
     from daemon.startup import preflight, startup_step
 
     settings = _settings(args)
     configure_logging(settings.logging.level, settings.logging.format)
+    identity = serve_identity(settings, args.roles)
+    install_log_filter(identity.id, ",".join(identity.roles))  # start-up lines name it too
     models = preflight(settings)  # cheap checks first, before torch and the web stack load
     from daemon.app import Radflag
     from daemon.http.server import HttpServerError
 
-    app = Radflag(settings, models=models, roles=args.roles)
+    app = Radflag(settings, models=models, roles=args.roles, identity=identity)
     try:
         with startup_step("listener.port"):
             app.run_until_signal()

@@ -11,6 +11,13 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from db.cluster import ProcessIdentity, new_identity
+
+if TYPE_CHECKING:
+    from daemon.settings import Settings
 
 _local = threading.local()
 
@@ -57,3 +64,9 @@ def remove_log_filter(flt: logging.Filter) -> None:
     """Detach ``flt`` from every handler of the root logger (on stop)."""
     for handler in logging.getLogger().handlers:
         handler.removeFilter(flt)
+
+
+def serve_identity(settings: Settings, roles: Sequence[str]) -> ProcessIdentity:
+    """Return a new identity for a ``radflag serve`` process of this configuration."""
+    lst = settings.listener
+    return new_identity(roles, f"{lst.ae_title}:{lst.port}:{settings.storage.spool_dir}")

@@ -134,9 +134,9 @@ class DatabaseSink:
         self,
         sessions: sessionmaker[Session],
         policy: PatientIdPolicy,
+        spool_root: Path | None = None,
         *,
         on_duplicate: Callable[[ReceivedInstance], None] | None = None,
-        spool_root: Path | None = None,
     ) -> None:
         self._sessions = sessions
         self._policy = policy

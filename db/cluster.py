@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.audit import AuditEventType, audit
 from db.clock import db_now
 from db.models import Instance, Process, Study
+from db.outbox import release_claims_of
 from db.queue import release_studies_of
 from db.states import StudyState
 
@@ -215,6 +216,7 @@ def _declare_dead(
     proc.stop_reason = reason
     actor = f"scheduler:{me.id}"
     studies = release_studies_of(session, proc.id, max_attempts=max_attempts, now=now, actor=actor)
+    deliveries = release_claims_of(session, proc.id, reason=f"sender process {reason}")
     audit(
         session,
         AuditEventType.PROCESS_DEAD,
@@ -227,6 +229,7 @@ def _declare_dead(
             "reason": reason,
             "last_heartbeat": proc.heartbeat_at.isoformat(),
             "studies_given_back": len(studies),
+            "deliveries_given_back": len(deliveries),
         },
     )
     return studies

@@ -17,6 +17,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
+POSTGRESQL_CONNECT_ARGS: dict[str, int] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 20_000,
+}
+"""libpq parameters: a PostgreSQL server that silently stops answering (packets dropped)
+fails the statement within ~20 s instead of hanging a C-STORE until the sender's timeout."""
+
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     """Create an engine for ``url`` with radflag's connection settings.
@@ -42,7 +53,9 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
-    return create_engine(parsed, echo=echo, pool_pre_ping=True)
+    return create_engine(
+        parsed, echo=echo, pool_pre_ping=True, connect_args=dict(POSTGRESQL_CONNECT_ARGS)
+    )
 
 
 def _configure_sqlite(engine: Engine) -> None:

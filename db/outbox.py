@@ -22,6 +22,7 @@ import random
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -174,38 +175,47 @@ def release_claims(
     if not delivery_ids:
         return []
     with sessions.begin() as session:
-        now = db_now(session)
-        rows = session.scalars(
-            select(Delivery)
-            .where(
-                Delivery.id.in_(list(delivery_ids)),
-                Delivery.state == DeliveryState.SENDING.value,
-                Delivery.lease_owner == owner,
-            )
-            .with_for_update()
-        ).all()
-        for d in rows:
-            d.state = DeliveryState.PENDING.value
-            d.lease_owner = None
-            d.lease_expires_at = None
-            d.next_attempt_at = now
-            audit(
-                session,
-                AuditEventType.DELIVERY_RELEASED,
-                actor="outbox",
-                study_instance_uid=session.scalar(
-                    select(Study.study_instance_uid).where(Study.id == d.study_id)
-                ),
-                sop_instance_uid=d.sop_instance_uid,
-                at=now,
-                detail={
-                    "delivery_id": d.id,
-                    "destination": d.destination,
-                    "sender": owner,
-                    "reason": reason,
-                },
-            )
-        return [d.id for d in rows]
+        return _release(session, owner, reason, Delivery.id.in_(list(delivery_ids)))
+
+
+def release_claims_of(session: Session, owner: str, *, reason: str) -> list[int]:
+    """Give back every entry a (dead) sender still holds, in the caller's transaction."""
+    return _release(session, owner, reason)
+
+
+def _release(session: Session, owner: str, reason: str, *where: Any) -> list[int]:
+    now = db_now(session)
+    rows = session.scalars(
+        select(Delivery)
+        .where(
+            *where,
+            Delivery.state == DeliveryState.SENDING.value,
+            Delivery.lease_owner == owner,
+        )
+        .with_for_update()
+    ).all()
+    for d in rows:
+        d.state = DeliveryState.PENDING.value
+        d.lease_owner = None
+        d.lease_expires_at = None
+        d.next_attempt_at = now
+        audit(
+            session,
+            AuditEventType.DELIVERY_RELEASED,
+            actor="outbox",
+            study_instance_uid=session.scalar(
+                select(Study.study_instance_uid).where(Study.id == d.study_id)
+            ),
+            sop_instance_uid=d.sop_instance_uid,
+            at=now,
+            detail={
+                "delivery_id": d.id,
+                "destination": d.destination,
+                "sender": owner,
+                "reason": reason,
+            },
+        )
+    return [d.id for d in rows]
 
 
 def renew_claims(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,13 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'radflag.db'}"
     return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture(autouse=True)
+def _no_audit_process_left_over() -> Iterator[None]:
+    """Each test starts with no process named in audit rows (an in-process app sets one)."""
+    from db.audit import set_audit_process
+
+    set_audit_process(None)
+    yield
+    set_audit_process(None)

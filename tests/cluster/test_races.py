@@ -154,11 +154,6 @@ class _SlowPacs:
         self.port = int(self.server.server_address[1])
 
 
-@pytest.mark.xfail(
-    reason="needs the outbox claim (SENDING state, SKIP LOCKED) of iss13 in db/outbox.py and "
-    "daemon/delivery.py; passes once that branch is merged",
-    strict=False,
-)
 def test_two_senders_send_a_due_result_once(
     pg_sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:

@@ -21,7 +21,6 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import AuditEvent, Instance, Process, Study
-from db.outbox import DeliveryState
 from tests.cluster.serve import Serve, free_port, launch, write_config
 from tests.daemon.conftest import storage_scp, tiny_bundle  # noqa: F401 - fixture
 from tests.peers.dcmtk import dcmsend
@@ -136,9 +135,7 @@ def test_three_processes_one_killed(
         lines = [json.loads(x) for x in serve.log().splitlines() if x.startswith("{")]
         assert lines and all({"host", "pid", "process_id", "role"} <= set(r) for r in lines)
         assert "worker" in {r["role"] for r in lines}, name
-    # every result object received once (needs iss13's outbox claim)
+    # every result object received once (outbox claims: SKIP LOCKED, SENDING with a lease)
     assert len(received) == N_STUDIES
     duplicates = {uid: n for uid, n in received.items() if n > 1}
-    if duplicates and not hasattr(DeliveryState, "SENDING"):
-        pytest.xfail(f"{len(duplicates)} results sent twice: needs iss13's outbox claim")
     assert not duplicates

@@ -43,7 +43,7 @@ def _received(app: Any, tmp_path: Path, **attrs: Any) -> tuple[Any, Path]:
     """Send one DX by DCMTK; return its dataset and spooled path once acknowledged."""
     ds = make_dx(seed=11, **attrs)
     assert dcmsend(app.port, save(ds, tmp_path / "in.dcm")).returncode == 0
-    return ds, Path(_instance(app, str(ds.SOPInstanceUID)).path)
+    return ds, app.spool.resolve(_instance(app, str(ds.SOPInstanceUID)).path)
 
 
 def test_spooled_file_that_became_unreadable_fails_once_and_is_quarantined(
@@ -59,7 +59,7 @@ def test_spooled_file_that_became_unreadable_fails_once_and_is_quarantined(
     assert study is not None and study.processing_attempts == 1
     assert f"cannot read the header of {ds.SOPInstanceUID}" in (study.failure_reason or "")
     inst = _instance(app, str(ds.SOPInstanceUID))
-    assert inst.quarantined and Path(inst.path).parent == app.spool.quarantine_dir
+    assert inst.quarantined and app.spool.resolve(inst.path).parent == app.spool.quarantine_dir
     events = [e.event_type for e in audit_trail(app.sessions, uid)]
     assert "PROCESSING_RETRY" not in events
     assert events[-2:] == ["INSTANCE_QUARANTINED", "STUDY_FAILED"]

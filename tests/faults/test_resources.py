@@ -130,7 +130,7 @@ def test_full_disk_refuses_without_false_acknowledgement(
     acked = sum(p.stderr.count("Received Store Response (Success)") for p in pushed)
     refused = sum(p.stderr.count(REFUSED) for p in pushed)
     echo_rc = echoscu(app.port, called_aet="RADFLAG", timeout_s=10).returncode
-    on_disk = [Path(p) for p in rows.values() if Path(p).is_file()]
+    on_disk = [app.spool.resolve(p) for p in rows.values() if app.spool.resolve(p).is_file()]
     print(
         f"FIGURES sent={sum(len(s.paths) for s in studies)} acknowledged={acked} "
         f"refused_0xA700={refused} rows={len(rows)} files={len(on_disk)} echo_rc={echo_rc}"
