@@ -14,7 +14,7 @@ import torch
 from model.bundle import Aggregation, Bundle
 from model.explain import Explanation, cam_to_source, grad_cam
 from model.pixels import PixelMeta
-from model.preprocess import preprocess
+from model.preprocess import crop_box, preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +179,7 @@ class Classifier:
             One per item, in order.
         """
         shapes = [(int(np.shape(p)[0]), int(np.shape(p)[1])) for p, _ in items]
+        boxes = [crop_box(pixels, self.spec) for pixels, _ in items]
         tensors = [preprocess(pixels, meta, self.spec) for pixels, meta in items]
         use_cuda = self.device.type == "cuda"
         out: list[Explanation] = []
@@ -186,6 +187,7 @@ class Classifier:
             batch = self._batch_tensor(tensors[start : start + self.batch_size])
             probs, cams = grad_cam(self._net, batch, autocast=use_cuda)
             for offset, (prob, cam) in enumerate(zip(probs, cams, strict=True)):
-                heatmap = cam_to_source(cam, shapes[start + offset], self.spec.input_size)
+                i = start + offset
+                heatmap = cam_to_source(cam, shapes[i], self.spec, boxes[i])
                 out.append(Explanation(probability=float(prob), heatmap=heatmap))
         return out
