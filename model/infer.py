@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from model.applicability import logits_and_features
 from model.bundle import Aggregation, Bundle
 from model.explain import Explanation, cam_to_source, grad_cam
 from model.pixels import PixelMeta
@@ -46,10 +47,21 @@ def select_device(preference: str = "auto") -> torch.device:
 
 @dataclass(frozen=True)
 class ImagePrediction:
-    """Result for one image: P(positive class) and the thresholded decision."""
+    """Result for one image.
+
+    Attributes
+    ----------
+    probability
+        Calibrated P(positive class) (``sigmoid(logit / temperature)``).
+    positive
+        ``probability >= threshold``.
+    not_applicable
+        Why the applicability gate rejects the image, or None (also without a gate).
+    """
 
     probability: float
     positive: bool
+    not_applicable: str | None = None
 
 
 def aggregate_study(
@@ -105,6 +117,8 @@ class Classifier:
         self.batch_size = batch_size
         self.spec = bundle.card.preprocess_spec
         self.threshold = bundle.card.threshold
+        self.temperature = bundle.card.temperature
+        self.gate = bundle.gate
         self._net = bundle.model.to(self.device).eval()
         self._expected_shape = (self.spec.channels, self.spec.input_size, self.spec.input_size)
 
@@ -122,7 +136,7 @@ class Classifier:
         return host.to(self.device)
 
     def predict(self, images: Sequence[npt.NDArray[Any]]) -> npt.NDArray[np.float64]:
-        """Return P(positive class) for preprocessed (C, H, W) arrays.
+        """Return calibrated P(positive class) for preprocessed (C, H, W) arrays.
 
         Parameters
         ----------
@@ -134,21 +148,50 @@ class Classifier:
         numpy.ndarray
             float64 array of shape (N,).
         """
+        return self._forward(images, with_gate=False)[0]
+
+    def _forward(
+        self, images: Sequence[npt.NDArray[Any]], with_gate: bool
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64] | None]:
+        """Return probabilities and, with the gate, applicability distances (one pass)."""
         out = np.empty(len(images), dtype=np.float64)
+        gate = self.gate if with_gate else None
+        dist = np.empty(len(images), dtype=np.float64) if gate is not None else None
         use_cuda = self.device.type == "cuda"
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
                 batch = self._batch_tensor(images[start : start + self.batch_size])
                 with torch.autocast(device_type=self.device.type, enabled=use_cuda):
-                    logits = self._net(batch)
-                probs = torch.sigmoid(logits.float().reshape(-1))
+                    if gate is not None:
+                        logits, feats = logits_and_features(self._net, batch)
+                    else:
+                        logits = self._net(batch)
+                probs = torch.sigmoid(logits.float().reshape(-1) / self.temperature)
                 out[start : start + len(probs)] = probs.cpu().numpy().astype(np.float64)
-        return out
+                if gate is not None and dist is not None:
+                    d = gate.distances(feats.float().cpu().numpy())
+                    dist[start : start + len(d)] = d
+        return out, dist
+
+    def features(self, images: Sequence[npt.NDArray[Any]]) -> npt.NDArray[np.float32]:
+        """Return pooled penultimate features (N, D) of preprocessed arrays (gate fitting).
+
+        Parameters
+        ----------
+        images
+            Outputs of :func:`model.preprocess.preprocess` with this bundle's spec.
+        """
+        chunks: list[npt.NDArray[np.float32]] = []
+        with torch.inference_mode():
+            for start in range(0, len(images), self.batch_size):
+                batch = self._batch_tensor(images[start : start + self.batch_size])
+                chunks.append(logits_and_features(self._net, batch)[1].float().cpu().numpy())
+        return np.concatenate(chunks) if chunks else np.empty((0, 0), dtype=np.float32)
 
     def classify(
         self, items: Sequence[tuple[npt.NDArray[Any], PixelMeta]]
     ) -> list[ImagePrediction]:
-        """Preprocess and classify images.
+        """Preprocess and classify images; with a gate, say which are not applicable.
 
         Parameters
         ----------
@@ -157,8 +200,14 @@ class Classifier:
             :func:`model.preprocess.load_image_file`.
         """
         tensors = [preprocess(pixels, meta, self.spec) for pixels, meta in items]
-        probs = self.predict(tensors)
-        return [ImagePrediction(float(p), bool(p >= self.threshold)) for p in probs]
+        probs, dist = self._forward(tensors, with_gate=True)
+        reasons: list[str | None] = [None] * len(probs)
+        if self.gate is not None and dist is not None:
+            reasons = [self.gate.reason(float(d)) for d in dist]
+        return [
+            ImagePrediction(float(p), bool(p >= self.threshold), why)
+            for p, why in zip(probs, reasons, strict=True)
+        ]
 
     def explain(self, items: Sequence[tuple[npt.NDArray[Any], PixelMeta]]) -> list[Explanation]:
         """Classify images and return a Grad-CAM heatmap with each probability.
@@ -185,7 +234,9 @@ class Classifier:
         out: list[Explanation] = []
         for start in range(0, len(tensors), self.batch_size):
             batch = self._batch_tensor(tensors[start : start + self.batch_size])
-            probs, cams = grad_cam(self._net, batch, autocast=use_cuda)
+            probs, cams = grad_cam(
+                self._net, batch, autocast=use_cuda, temperature=self.temperature
+            )
             for offset, (prob, cam) in enumerate(zip(probs, cams, strict=True)):
                 i = start + offset
                 heatmap = cam_to_source(cam, shapes[i], self.spec, boxes[i])
