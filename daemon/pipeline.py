@@ -50,7 +50,7 @@ from dicom_io.sr import (
     build_sr,
     result_uids,
 )
-from model.infer import aggregate_study
+from model.infer import ImagePrediction, aggregate_study
 from model.pixels import PixelMeta
 from model.preprocess import to_display
 
@@ -59,6 +59,38 @@ log = logging.getLogger(__name__)
 
 class PermanentProcessingError(Exception):
     """The study's content itself prevents a result; retrying cannot help."""
+
+
+class NotApplicableImages(Exception):
+    """The model's applicability gate refused every selected image of the study."""
+
+
+def keep_applicable(
+    chosen: list[_Selected], predictions: list[ImagePrediction], rejected: dict[str, str]
+) -> tuple[list[_Selected], list[ImagePrediction]]:
+    """Drop images the bundle's applicability gate refuses, recording why by SOP Instance UID.
+
+    Parameters
+    ----------
+    chosen
+        Selected images, in the order of ``predictions``.
+    predictions
+        The classifier's output for them.
+    rejected
+        Filled with ``{sop_instance_uid: reason}`` for every refused image.
+
+    Raises
+    ------
+    NotApplicableImages
+        When no image is left: the study gets no answer from this model.
+    """
+    kept = [(s, p) for s, p in zip(chosen, predictions, strict=True) if p.not_applicable is None]
+    for sel, pred in zip(chosen, predictions, strict=True):
+        if pred.not_applicable is not None:
+            rejected[sel.header.sop_instance_uid] = pred.not_applicable
+    if not kept:
+        raise NotApplicableImages(f"{len(rejected)} image(s) refused by the applicability gate")
+    return [s for s, _ in kept], [p for _, p in kept]
 
 
 @dataclass(frozen=True)
@@ -238,9 +270,22 @@ class StudyProcessor:
         records: list[ResultRecord] = []
         problems: dict[str, str] = {}
         for loaded, chosen in plan:
-            records.append(
-                self._classify(claim, loaded, chosen, decoded, decode_ms, t_start, problems)
+            rejected: dict[str, str] = {}
+            with contextlib.suppress(NotApplicableImages):
+                records.append(
+                    self._classify(
+                        claim, loaded, chosen, decoded, decode_ms, t_start, problems, rejected
+                    )
+                )
+            if rejected:
+                reasons[loaded.bundle.card.name]["not_applicable"] = rejected
+        if not records:
+            log.info(
+                "study not applicable: the applicability gate refused every image",
+                extra={"study_instance_uid": claim.study_instance_uid},
             )
+            finish_not_applicable(self._sessions, claim, reasons)
+            return
         if problems:
             reasons["output_problems"] = problems
         has_outputs = record_classification(self._sessions, claim, records, selection=reasons)
@@ -269,6 +314,7 @@ class StudyProcessor:
         decode_ms: float,
         t_start: float,
         problems: dict[str, str],
+        rejected: dict[str, str],
     ) -> ResultRecord:
         card = loaded.bundle.card
         identity = loaded.bundle.identity
@@ -281,6 +327,7 @@ class StudyProcessor:
             for s in chosen
         ]
         predictions = loaded.classifier.classify(items)
+        chosen, predictions = keep_applicable(chosen, predictions, rejected)
         infer_ms = (time.perf_counter() - t0) * 1000
         per_image = {
             s.header.sop_instance_uid: float(p.probability)

@@ -253,6 +253,8 @@ class RenditionRow:
         Fraction of images with the same decision at the bundle threshold.
     metrics
         Accuracy, sensitivity, specificity, AUC, ... of this rendition at the threshold.
+    rejected
+        Fraction of images the bundle's applicability gate refuses (0 without a gate).
     """
 
     name: str
@@ -261,6 +263,7 @@ class RenditionRow:
     max_abs_delta_p: float
     agreement: float
     metrics: dict[str, Any]
+    rejected: float = 0.0
 
     @property
     def passes(self) -> bool:
@@ -276,6 +279,7 @@ class RenditionRow:
             "max_abs_delta_p": round(self.max_abs_delta_p, 5),
             "agreement": round(self.agreement, 5),
             "passes": self.passes,
+            "gate_rejected": round(self.rejected, 5),
             "metrics": self.metrics,
         }
 
@@ -286,6 +290,7 @@ def _row(
     base: npt.NDArray[np.float64],
     labels: npt.NDArray[np.bool_],
     threshold: float,
+    rejected: float,
 ) -> RenditionRow:
     delta = np.abs(probs - base)
     metrics = binary_metrics(labels, probs, threshold) if 0 < labels.sum() < len(labels) else {}
@@ -296,6 +301,7 @@ def _row(
         max_abs_delta_p=float(delta.max()),
         agreement=float(((probs >= threshold) == (base >= threshold)).mean()),
         metrics={k: v for k, v in metrics.items() if k != "confusion_matrix"},
+        rejected=rejected,
     )
 
 
@@ -334,14 +340,18 @@ def rendition_table(
     clf = Classifier(bundle, batch_size=batch_size)
     labels = np.array([r.label == bundle.card.positive_class for r in records], dtype=bool)
     images = [load_image_file(r.path) for r in records]
-    base = np.array([p.probability for p in clf.classify(images)], dtype=np.float64)
-    rows = [_row(TRAINING_RENDITION, base, base, labels, clf.threshold)]
+    first = clf.classify(images)
+    base = np.array([p.probability for p in first], dtype=np.float64)
+    refused = float(np.mean([p.not_applicable is not None for p in first]))
+    rows = [_row(TRAINING_RENDITION, base, base, labels, clf.threshold, refused)]
     for spec in renditions:
         probs = np.empty(len(images), dtype=np.float64)
+        n_refused = 0
         for i, (pixels, _) in enumerate(images):
-            item = reader(render(pixels, spec, seed=i))
-            probs[i] = clf.classify([item])[0].probability
-        rows.append(_row(spec.name, probs, base, labels, clf.threshold))
+            pred = clf.classify([reader(render(pixels, spec, seed=i))])[0]
+            probs[i] = pred.probability
+            n_refused += pred.not_applicable is not None
+        rows.append(_row(spec.name, probs, base, labels, clf.threshold, n_refused / len(images)))
         logger.info("rendition scored", extra={"rendition": spec.name})
     return rows
 
@@ -360,7 +370,7 @@ def format_table(rows: Sequence[RenditionRow], data: str) -> str:
         f"rendition invariance on {data} (targets: mean |dp| <= {MAX_MEAN_ABS_DELTA_P}, "
         f"agreement >= {MIN_AGREEMENT:.0%})",
         f"{'rendition':32s} {'n':>5s} {'mean|dp|':>9s} {'max|dp|':>8s} {'agree':>7s} "
-        f"{'acc':>6s} {'sens':>6s} {'spec':>6s} {'auc':>6s}  ok",
+        f"{'acc':>6s} {'sens':>6s} {'spec':>6s} {'auc':>6s} {'gate-rej':>8s}  ok",
     ]
     for row in rows:
         m = row.metrics
@@ -371,6 +381,7 @@ def format_table(rows: Sequence[RenditionRow], data: str) -> str:
         lines.append(
             f"{row.name:32s} {row.n:5d} {row.mean_abs_delta_p:9.4f} {row.max_abs_delta_p:8.4f} "
             f"{row.agreement:7.2%} {val('accuracy')} {val('sensitivity')} "
-            f"{val('specificity')} {val('auc')}  {'yes' if row.passes else 'NO'}"
+            f"{val('specificity')} {val('auc')} {row.rejected:8.2%}  "
+            f"{'yes' if row.passes else 'NO'}"
         )
     return "\n".join(lines)
