@@ -168,7 +168,9 @@ def render(image: npt.NDArray[np.uint8], spec: RenditionSpec, seed: int = 0) -> 
     The grey levels are mapped linearly onto the top of the ``bits_stored`` range (as a
     detector's for-presentation output would be), with sub-level Gaussian dither so the
     higher bit depth is used; then optional resize to ``spec.shape``, inversion for
-    MONOCHROME1, the inverse of the Modality LUT and a padding border.
+    MONOCHROME1 and a padding border. With ``rescale`` the stored values stay the same and
+    the Modality LUT (slope 0.5, intercept -1024) changes what they mean; the VOI
+    attributes are expressed in Modality LUT output units.
 
     Parameters
     ----------
@@ -186,13 +188,12 @@ def render(image: npt.NDArray[np.uint8], spec: RenditionSpec, seed: int = 0) -> 
     lo, hi = 0.05 * top, 0.95 * top
     step = (hi - lo) / 255.0
     rng = np.random.default_rng(seed)
-    values = lo + np.clip(grey, 0.0, 255.0) * step + rng.normal(0.0, 0.3 * step, grey.shape)
-    values = np.clip(values, 0.0, top)
+    stored = lo + np.clip(grey, 0.0, 255.0) * step + rng.normal(0.0, 0.3 * step, grey.shape)
+    stored = np.clip(np.rint(stored), 0.0, top)
     photometric = "MONOCHROME2"
     if spec.monochrome1:
-        values, photometric = top - values, "MONOCHROME1"
+        stored, photometric = top - stored, "MONOCHROME1"
     slope, intercept = (0.5, -1024.0) if spec.rescale else (1.0, 0.0)
-    stored = np.clip(np.rint((values - intercept) / slope), 0, 2**spec.bits_stored - 1)
     pixels = stored.astype(np.uint16)
     padding = None
     if spec.padding_px > 0:
@@ -206,7 +207,7 @@ def render(image: npt.NDArray[np.uint8], spec: RenditionSpec, seed: int = 0) -> 
         rescale_slope=slope,
         rescale_intercept=intercept,
         pixel_padding_value=padding,
-        **_voi(spec, lo, hi),
+        **_voi(spec, lo * slope + intercept, hi * slope + intercept),
     )
 
 

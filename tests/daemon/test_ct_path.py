@@ -150,10 +150,27 @@ def test_ct_series_gets_one_topk_mean_result(tmp_path: Path, pacs: PacsStandIn) 
     assert sr_uids == {study_uid}
 
 
+def _tiny_covid_bundle(tmp_path: Path) -> Path:
+    """A second CR/DX bundle with another finding (no COVID-19 weights are shipped)."""
+    torch.manual_seed(2)
+    spec = PreprocessSpec(input_size=32, channels=1)
+    card = ModelCard(
+        name="test-covid19-cxr",
+        version="0.0.1-test",
+        architecture="resnet10t",
+        classes=["covid", "non-covid"],
+        positive_class="covid",
+        preprocessing=spec.to_dict(),
+        threshold=0.5,
+        modalities=["CR", "DX"],
+        finding={"scheme": "SCT", "value": "840539006", "meaning": "COVID-19"},
+        description="untrained second bundle for the multi-bundle path",
+    )
+    return save_bundle(tmp_path / "covid-bundle", build_network("resnet10t", spec), card).path
+
+
 def test_two_bundles_give_two_results_for_one_study(tmp_path: Path, pacs: PacsStandIn) -> None:
-    covid = default_bundle_path().parent / "covid19"
-    if not (covid / "model.json").is_file():
-        pytest.fail(f"shipped COVID-19 bundle missing at {covid}")
+    covid = _tiny_covid_bundle(tmp_path)
     models = load_models([default_bundle_path(), covid], device="cpu", batch_size=4)
     from tests.dicom_io.conftest import make_dx, save
 
@@ -172,8 +189,8 @@ def test_two_bundles_give_two_results_for_one_study(tmp_path: Path, pacs: PacsSt
     finally:
         app.stop()
     by_name = {r.model_name: r for r in results}
-    assert set(by_name) == {"radflag-pneumonia-cxr", "radflag-covid19-cxr"}
-    assert by_name["radflag-covid19-cxr"].finding_code == "840539006"
+    assert set(by_name) == {"radflag-pneumonia-cxr", "test-covid19-cxr"}
+    assert by_name["test-covid19-cxr"].finding_code == "840539006"
     assert by_name["radflag-pneumonia-cxr"].finding_code == "233604007"
     for r in results:
         assert r.n_images == 2 and 0.0 <= r.probability <= 1.0
