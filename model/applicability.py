@@ -106,7 +106,8 @@ def fit_gate(
     diag = np.diag(np.diag(cov))
     shrunk = (1.0 - shrinkage) * cov + shrinkage * diag
     shrunk += 1e-6 * max(float(np.trace(cov)) / cov.shape[0], 1e-12) * np.eye(cov.shape[0])
-    provisional = ApplicabilityGate(mean, np.linalg.inv(shrunk), float("inf"))
+    precision: FloatArray = np.asarray(np.linalg.inv(shrunk), dtype=np.float64)
+    provisional = ApplicabilityGate(mean, precision, float("inf"))
     threshold = float(np.quantile(provisional.distances(val_features), quantile))
     return ApplicabilityGate(mean, provisional.precision, threshold)
 

@@ -217,9 +217,16 @@ def _cmd_fit_gate(args: argparse.Namespace) -> int:
 
     try:
         bundle = load_bundle(args.bundle or default_bundle_path())
-        parts = [_split_records(args, bundle, s) for s in ("train", "validation", "test")]
+        train, val, test = (
+            _split_records(args, bundle, s) for s in ("train", "validation", "test")
+        )
         bundle = fit_bundle_gate(
-            bundle, *parts, source=default_data(bundle, args.labels), quantile=args.quantile
+            bundle,
+            train,
+            val,
+            test,
+            source=default_data(bundle, args.labels),
+            quantile=args.quantile,
         )
     except (BundleError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -11,7 +11,8 @@ from model.renditions import RENDITIONS, RenditionSpec, direct_reader, render
 
 def _image() -> np.ndarray:
     yy, xx = np.mgrid[0:120, 0:100]
-    return ((yy * 2 + xx) % 256).astype(np.uint8)
+    image: np.ndarray = ((yy * 2 + xx) % 256).astype(np.uint8)
+    return image
 
 
 @pytest.mark.parametrize("spec", RENDITIONS, ids=lambda s: s.name)
