@@ -1,12 +1,15 @@
 """Input-applicability gate: images unlike the training radiographs get no answer.
 
 Header rules (Body Part Examined, View Position) are often wrong or absent, so the gate
-looks at the image through the network itself: the pooled penultimate features of the
-classifier (timm ``forward_head(pre_logits=True)``) are compared with their distribution
+looks at the image: (1) through the network itself, the pooled penultimate features of
+the classifier (timm ``forward_head(pre_logits=True)``) compared with their distribution
 on the training split by a Mahalanobis distance (covariance shrunk towards its diagonal
-so it stays invertible). The threshold is a high quantile of the distances of validation
-images, so the false-rejection rate on the training source is bounded by construction and
-measured on the held-out test split. An image beyond it is NOT_APPLICABLE with a reason.
+so it stays invertible); (2) by an image statistic of the model input that the features
+miss, the bright mediastinum between two dark lung fields of a frontal view
+(:func:`mediastinum_contrast`; lateral views lack it). Each threshold is a quantile of the
+validation images, so the false-rejection rate on the training source is bounded by
+construction, and it is measured on the held-out test split. An image beyond either is
+NOT_APPLICABLE with a reason.
 """
 
 from __future__ import annotations
@@ -43,11 +46,14 @@ class ApplicabilityGate:
         (D, D) inverse of the shrunk covariance.
     threshold
         Largest distance still applicable (per-dimension root mean square units).
+    contrast_threshold
+        Smallest :func:`mediastinum_contrast` still applicable.
     """
 
     mean: FloatArray
     precision: FloatArray
     threshold: float
+    contrast_threshold: float = float("-inf")
 
     def distances(self, features: npt.NDArray[Any]) -> FloatArray:
         """Return the RMS Mahalanobis distance of each row of ``features`` (N, D).
@@ -62,20 +68,55 @@ class ApplicabilityGate:
         out: FloatArray = np.sqrt(np.maximum(squared, 0.0) / self.mean.size)
         return out
 
-    def reason(self, distance: float) -> str | None:
-        """Return why an image with ``distance`` is not applicable, or None if it is.
+    def reason(self, distance: float, contrast: float = float("inf")) -> str | None:
+        """Return why an image is not applicable, or None if it is.
 
         Parameters
         ----------
         distance
             From :meth:`distances`.
+        contrast
+            From :func:`mediastinum_contrast`.
         """
-        if np.isfinite(distance) and distance <= self.threshold:
-            return None
-        return (
-            f"image is unlike the frontal chest radiographs this model was trained on "
-            f"(feature distance {distance:.2f} > {self.threshold:.2f})"
-        )
+        if not (np.isfinite(distance) and distance <= self.threshold):
+            return (
+                f"image is unlike the frontal chest radiographs this model was trained on "
+                f"(feature distance {distance:.2f} > {self.threshold:.2f})"
+            )
+        if not contrast >= self.contrast_threshold:
+            return (
+                "image is not a frontal chest radiograph: no bright mediastinum between two "
+                f"darker lung fields (contrast {contrast:.2f} < {self.contrast_threshold:.2f}; "
+                "lateral view?)"
+            )
+        return None
+
+
+def mediastinum_contrast(images: npt.NDArray[Any]) -> FloatArray:
+    """Return how much brighter the middle columns are than both lung fields, per image.
+
+    On the standardised model input (N, C, S, S), rows 25-75 %: mean of columns 41-59 %
+    minus the mean of columns 12-38 % and 62-88 %. A frontal chest radiograph has the
+    bright mediastinum between two dark lungs; a lateral view, an abdomen or a limb
+    mostly does not.
+
+    Parameters
+    ----------
+    images
+        Model inputs (any normalisation; each image is standardised here).
+    """
+    x = np.asarray(images, dtype=np.float64).mean(axis=1)
+    size = x.shape[-1]
+    flat = x.reshape(len(x), -1)
+    x = (x - flat.mean(axis=1)[:, None, None]) / (flat.std(axis=1)[:, None, None] + 1e-6)
+    band = x[:, size // 4 : 3 * size // 4].mean(axis=1)
+
+    def cols(lo: float, hi: float) -> FloatArray:
+        out: FloatArray = band[:, round(lo * size) : round(hi * size)].mean(axis=1)
+        return out
+
+    result: FloatArray = cols(0.406, 0.594) - 0.5 * (cols(0.125, 0.375) + cols(0.625, 0.875))
+    return result
 
 
 def fit_gate(
@@ -83,8 +124,9 @@ def fit_gate(
     val_features: npt.NDArray[Any],
     quantile: float = DEFAULT_QUANTILE,
     shrinkage: float = DEFAULT_SHRINKAGE,
+    val_contrasts: npt.NDArray[Any] | None = None,
 ) -> ApplicabilityGate:
-    """Fit mean and shrunk covariance on training features; threshold on validation.
+    """Fit mean and shrunk covariance on training features; thresholds on validation.
 
     Parameters
     ----------
@@ -97,6 +139,9 @@ def fit_gate(
         false rejections on the validation images).
     shrinkage
         Weight of the diagonal in ``(1 - s) * cov + s * diag(cov)`` (plus a small ridge).
+    val_contrasts
+        :func:`mediastinum_contrast` of the validation images; its ``1 - quantile``
+        quantile becomes the contrast threshold (none without).
     """
     train = np.asarray(train_features, dtype=np.float64)
     if train.ndim != 2 or train.shape[0] < 2:
@@ -109,7 +154,12 @@ def fit_gate(
     precision: FloatArray = np.asarray(np.linalg.inv(shrunk), dtype=np.float64)
     provisional = ApplicabilityGate(mean, precision, float("inf"))
     threshold = float(np.quantile(provisional.distances(val_features), quantile))
-    return ApplicabilityGate(mean, provisional.precision, threshold)
+    contrast = (
+        float(np.quantile(np.asarray(val_contrasts, dtype=np.float64), 1.0 - quantile))
+        if val_contrasts is not None
+        else float("-inf")
+    )
+    return ApplicabilityGate(mean, provisional.precision, threshold, contrast)
 
 
 def save_gate(path: Path, gate: ApplicabilityGate) -> None:
@@ -127,6 +177,7 @@ def save_gate(path: Path, gate: ApplicabilityGate) -> None:
             "mean": gate.mean.astype(np.float32),
             "precision": gate.precision.astype(np.float32),
             "threshold": np.array([gate.threshold], dtype=np.float64),
+            "contrast_threshold": np.array([gate.contrast_threshold], dtype=np.float64),
         },
         str(path),
     )
@@ -145,6 +196,9 @@ def load_gate(path: Path) -> ApplicabilityGate:
         mean=arrays["mean"].astype(np.float64),
         precision=arrays["precision"].astype(np.float64),
         threshold=float(arrays["threshold"][0]),
+        contrast_threshold=float(arrays["contrast_threshold"][0])
+        if "contrast_threshold" in arrays
+        else float("-inf"),
     )
 
 

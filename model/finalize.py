@@ -22,6 +22,7 @@ from model.applicability import (
     GATE_FILE,
     METHOD,
     fit_gate,
+    mediastinum_contrast,
     save_gate,
 )
 from model.bundle import Bundle, file_sha256, write_card
@@ -71,10 +72,13 @@ def calibrate_bundle(bundle: Bundle, val_records: list[LabeledImage], source: st
     return write_card(bundle.path, new)
 
 
-def _features(clf: Classifier, records: Sequence[LabeledImage]) -> npt.NDArray[np.float32]:
+def _features(
+    clf: Classifier, records: Sequence[LabeledImage]
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float64]]:
+    """Return pooled features and mediastinum contrasts of the images (JPEG rendition)."""
     spec = clf.spec
     tensors = [preprocess(*load_image_file(r.path), spec) for r in records]
-    return clf.features(tensors)
+    return clf.features(tensors), mediastinum_contrast(np.stack(tensors))
 
 
 def fit_bundle_gate(
@@ -99,22 +103,34 @@ def fit_bundle_gate(
         Validation quantile used as the distance threshold.
     """
     clf = Classifier(bundle, batch_size=64)
-    f_train, f_val, f_test = (_features(clf, part) for part in (train, val, test))
-    gate = fit_gate(f_train, f_val, quantile=quantile)
+    (f_train, _), (f_val, c_val), (f_test, c_test) = (
+        _features(clf, part) for part in (train, val, test)
+    )
+    gate = fit_gate(f_train, f_val, quantile=quantile, val_contrasts=c_val)
     path = bundle.path / GATE_FILE
     save_gate(path, gate)
     frr: dict[str, Any] = {}
-    for name, feats in (("validation", f_val), ("test", f_test)):
-        rejected = gate.distances(feats) > gate.threshold
-        frr[name] = {"n": int(len(rejected)), "false_rejection_rate": float(rejected.mean())}
+    for name, feats, contrast in (("validation", f_val, c_val), ("test", f_test, c_test)):
+        far = gate.distances(feats) > gate.threshold
+        flat = contrast < gate.contrast_threshold
+        frr[name] = {
+            "n": int(len(far)),
+            "false_rejection_rate": float((far | flat).mean()),
+            "by_feature_distance": float(far.mean()),
+            "by_mediastinum_contrast": float(flat.mean()),
+        }
     section = {
-        "method": METHOD,
+        "method": METHOD + "; and the mediastinum contrast of the model input",
         "file": GATE_FILE,
         "sha256": file_sha256(path),
         "feature_dim": int(gate.mean.size),
         "shrinkage": DEFAULT_SHRINKAGE,
         "threshold": gate.threshold,
-        "threshold_rule": f"{quantile:.3f} quantile of validation distances",
+        "contrast_threshold": gate.contrast_threshold,
+        "threshold_rule": (
+            f"{quantile:.3f} quantile of validation distances and "
+            f"{1 - quantile:.3f} quantile of validation mediastinum contrasts"
+        ),
         "fitted_on": f"train split of {source} ({len(train)} images)",
         "false_rejection": frr,
         "note": "validation FRR is optimistic (threshold chosen there); test is held out",

@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from model.applicability import logits_and_features
+from model.applicability import logits_and_features, mediastinum_contrast
 from model.bundle import Aggregation, Bundle
 from model.explain import Explanation, cam_to_source, grad_cam
 from model.pixels import PixelMeta
@@ -152,11 +152,11 @@ class Classifier:
 
     def _forward(
         self, images: Sequence[npt.NDArray[Any]], with_gate: bool
-    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64] | None]:
-        """Return probabilities and, with the gate, applicability distances (one pass)."""
+    ) -> tuple[npt.NDArray[np.float64], list[str | None]]:
+        """Return probabilities and, with the gate, why each image is refused (one pass)."""
         out = np.empty(len(images), dtype=np.float64)
         gate = self.gate if with_gate else None
-        dist = np.empty(len(images), dtype=np.float64) if gate is not None else None
+        reasons: list[str | None] = [None] * len(images)
         use_cuda = self.device.type == "cuda"
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
@@ -168,10 +168,12 @@ class Classifier:
                         logits = self._net(batch)
                 probs = torch.sigmoid(logits.float().reshape(-1) / self.temperature)
                 out[start : start + len(probs)] = probs.cpu().numpy().astype(np.float64)
-                if gate is not None and dist is not None:
-                    d = gate.distances(feats.float().cpu().numpy())
-                    dist[start : start + len(d)] = d
-        return out, dist
+                if gate is not None:
+                    dist = gate.distances(feats.float().cpu().numpy())
+                    contrast = mediastinum_contrast(batch.float().cpu().numpy())
+                    for k, (d, c) in enumerate(zip(dist, contrast, strict=True)):
+                        reasons[start + k] = gate.reason(float(d), float(c))
+        return out, reasons
 
     def features(self, images: Sequence[npt.NDArray[Any]]) -> npt.NDArray[np.float32]:
         """Return pooled penultimate features (N, D) of preprocessed arrays (gate fitting).
@@ -200,10 +202,7 @@ class Classifier:
             :func:`model.preprocess.load_image_file`.
         """
         tensors = [preprocess(pixels, meta, self.spec) for pixels, meta in items]
-        probs, dist = self._forward(tensors, with_gate=True)
-        reasons: list[str | None] = [None] * len(probs)
-        if self.gate is not None and dist is not None:
-            reasons = [self.gate.reason(float(d)) for d in dist]
+        probs, reasons = self._forward(tensors, with_gate=True)
         return [
             ImagePrediction(float(p), bool(p >= self.threshold), why)
             for p, why in zip(probs, reasons, strict=True)
