@@ -249,7 +249,7 @@ def format_card(card_dict: dict[str, Any]) -> str:
         f"  finding: {card_dict['finding']['scheme']} {card_dict['finding']['value']} "
         f'"{card_dict["finding"]["meaning"]}"',
         f"  modalities: {', '.join(card_dict['modalities'])}",
-        f"  threshold: {card_dict['threshold']:.4f}",
+        f"  threshold: {card_dict['threshold']:.4f} (temperature {card_dict['temperature']:.3f})",
         f"  preprocessing: {card_dict['preprocessing']}",
         f"  weights: {card_dict['weights_dtype']} sha256 {card_dict['weights_sha256']}",
     ]
@@ -259,6 +259,14 @@ def format_card(card_dict: dict[str, Any]) -> str:
                 f"  {split_name}: n={m['n']} acc={m['accuracy']:.4f} auc={m['auc']:.4f} "
                 f"sens={m['sensitivity']:.4f} spec={m['specificity']:.4f}"
             )
+    gate = card_dict.get("applicability") or {}
+    if gate:
+        frr = gate.get("false_rejection", {})
+        lines.append(
+            f"  applicability gate: distance <= {gate.get('threshold', float('nan')):.3f}, "
+            f"contrast >= {gate.get('contrast_threshold', float('nan')):.3f}; FRR "
+            + ", ".join(f"{k} {v['false_rejection_rate']:.4f}" for k, v in frr.items())
+        )
     training = card_dict.get("training", {})
     for key in ("data", "command", "duration_s", "epochs_run", "best_epoch"):
         if key in training:
