@@ -108,6 +108,7 @@ class ModelCard(BaseModel):
     description: str = ""
     limitations: str = ""
     temperature: float = Field(default=1.0, gt=0.0)
+    logit_bias: float = 0.0
     applicability: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("preprocessing")

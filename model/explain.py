@@ -57,7 +57,12 @@ class FeatureNetwork(Protocol):
 
 
 def grad_cam(
-    net: torch.nn.Module, batch: torch.Tensor, *, autocast: bool = False, temperature: float = 1.0
+    net: torch.nn.Module,
+    batch: torch.Tensor,
+    *,
+    autocast: bool = False,
+    temperature: float = 1.0,
+    logit_bias: float = 0.0,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32]]:
     """Run one forward/backward pass and return probabilities and raw Grad-CAM maps.
 
@@ -70,8 +75,8 @@ def grad_cam(
     autocast
         Run the forward pass under ``torch.autocast`` (CUDA mixed precision), as
         :meth:`model.infer.Classifier.predict` does.
-    temperature
-        The card's calibration temperature: probabilities are ``sigmoid(logit / T)``.
+    temperature, logit_bias
+        The card's calibration: probabilities are ``sigmoid(logit / T + b)``.
 
     Returns
     -------
@@ -95,7 +100,7 @@ def grad_cam(
         (grads,) = torch.autograd.grad(logits.sum(), features)
     weights = grads.float().mean(dim=(2, 3), keepdim=True)
     cams = torch.relu((weights * features.detach().float()).sum(dim=1))
-    probs = torch.sigmoid(logits.detach() / temperature)
+    probs = torch.sigmoid(logits.detach() / temperature + logit_bias)
     return (
         probs.cpu().numpy().astype(np.float64),
         cams.cpu().numpy().astype(np.float32),

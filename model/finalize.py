@@ -36,9 +36,9 @@ logger = logging.getLogger(__name__)
 
 
 def calibrate_bundle(bundle: Bundle, val_records: list[LabeledImage], source: str) -> Bundle:
-    """Fit the card's temperature on validation images; keep the decisions unchanged.
+    """Fit the card's temperature and bias on validation images; keep the decisions.
 
-    The threshold is moved with the temperature so every decision stays the same; the
+    The threshold is moved with the calibration so every decision stays the same; the
     card records ECE and NLL before and after.
 
     Parameters
@@ -52,10 +52,12 @@ def calibrate_bundle(bundle: Bundle, val_records: list[LabeledImage], source: st
     """
     card = bundle.card
     truth, probs, _ = score_records(bundle, val_records, progress=False)
-    logits = to_logits(probs, card.temperature)
-    temperature = fit_temperature(truth, logits)
-    report = calibration_report(truth, logits, temperature)
-    threshold = move_threshold(card.threshold, card.temperature, temperature)
+    logits = to_logits(probs, card.temperature, card.logit_bias)
+    temperature, bias = fit_temperature(truth, logits)
+    report = calibration_report(truth, logits, temperature, bias)
+    threshold = move_threshold(
+        card.threshold, (card.temperature, card.logit_bias), (temperature, bias)
+    )
     report.update(
         {
             "data": source,
@@ -66,7 +68,12 @@ def calibrate_bundle(bundle: Bundle, val_records: list[LabeledImage], source: st
     )
     training = {**card.training, "calibration": report}
     new = card.model_copy(
-        update={"temperature": temperature, "threshold": threshold, "training": training}
+        update={
+            "temperature": temperature,
+            "logit_bias": bias,
+            "threshold": threshold,
+            "training": training,
+        }
     )
     logger.info("calibrated", extra={"temperature": temperature})
     return write_card(bundle.path, new)

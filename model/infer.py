@@ -52,7 +52,7 @@ class ImagePrediction:
     Attributes
     ----------
     probability
-        Calibrated P(positive class) (``sigmoid(logit / temperature)``).
+        Calibrated P(positive class) (``sigmoid(logit / temperature + logit_bias)``).
     positive
         ``probability >= threshold``.
     not_applicable
@@ -118,6 +118,7 @@ class Classifier:
         self.spec = bundle.card.preprocess_spec
         self.threshold = bundle.card.threshold
         self.temperature = bundle.card.temperature
+        self.logit_bias = bundle.card.logit_bias
         self.gate = bundle.gate
         self._net = bundle.model.to(self.device).eval()
         self._expected_shape = (self.spec.channels, self.spec.input_size, self.spec.input_size)
@@ -166,7 +167,9 @@ class Classifier:
                         logits, feats = logits_and_features(self._net, batch)
                     else:
                         logits = self._net(batch)
-                probs = torch.sigmoid(logits.float().reshape(-1) / self.temperature)
+                probs = torch.sigmoid(
+                    logits.float().reshape(-1) / self.temperature + self.logit_bias
+                )
                 out[start : start + len(probs)] = probs.cpu().numpy().astype(np.float64)
                 if gate is not None:
                     dist = gate.distances(feats.float().cpu().numpy())
@@ -234,7 +237,11 @@ class Classifier:
         for start in range(0, len(tensors), self.batch_size):
             batch = self._batch_tensor(tensors[start : start + self.batch_size])
             probs, cams = grad_cam(
-                self._net, batch, autocast=use_cuda, temperature=self.temperature
+                self._net,
+                batch,
+                autocast=use_cuda,
+                temperature=self.temperature,
+                logit_bias=self.logit_bias,
             )
             for offset, (prob, cam) in enumerate(zip(probs, cams, strict=True)):
                 i = start + offset
