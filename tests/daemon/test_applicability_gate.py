@@ -1,15 +1,16 @@
 """Through a running radflag: the shipped bundle's applicability gate sends the dog thorax
-and a lateral view (sent with a frontal chest header) to NOT_APPLICABLE with the reason,
-while a chest radiograph of the training source rendered as 14-bit DX is classified."""
+(its pixels under a human frontal chest header) and a lateral view (also with a frontal
+chest header) to NOT_APPLICABLE with the reason, while a chest radiograph of the training
+source rendered as 14-bit DX is classified."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from pydicom import dcmread
 from sqlalchemy import select
 
 from daemon.app import Radflag
@@ -17,11 +18,12 @@ from daemon.models import LoadedModel
 from daemon.renditions import to_dataset
 from db.models import Study
 from db.queries import audit_trail
+from dicom_io.reader import read_image
 from model.bundle import default_bundle_path, load_bundle
 from model.evaluate import card_split
 from model.infer import Classifier
 from model.preprocess import load_image_file
-from model.renditions import RENDITIONS, render
+from model.renditions import RENDITIONS, Rendition, render
 from tests.conftest import shared_path
 from tests.daemon.conftest import PacsStandIn, dcmsend, make_settings, wait_until
 
@@ -56,13 +58,26 @@ def test_gate_answers_not_applicable_for_dog_and_lateral(tmp_path: Path, pacs: P
     chest = tmp_path / "chest.dcm"
     lateral_ds.save_as(lateral, enforce_file_format=True)
     chest_ds.save_as(chest, enforce_file_format=True)
-    dog = shared_path("dicom", "chest-real", "files", "highdicom_dx_image.dcm")
+    # the dog's pixels under a human frontal chest header: only the image can tell
+    dog_image = read_image(shared_path("dicom", "chest-real", "files", "highdicom_dx_image.dcm"))
+    dog_ds = to_dataset(
+        Rendition(
+            name="dog",
+            pixels=dog_image.pixels.astype(np.uint16),
+            bits_stored=dog_image.bits_stored or 16,
+            photometric=dog_image.photometric,
+            rescale_slope=dog_image.rescale_slope,
+            rescale_intercept=dog_image.rescale_intercept,
+        )
+    )
+    dog = tmp_path / "dog.dcm"
+    dog_ds.save_as(dog, enforce_file_format=True)
     app = Radflag(make_settings(tmp_path, pacs.port), models=models)
     app.start()
     try:
         assert dcmsend(app.port, dog, lateral, chest).returncode == 0
         uids = {
-            "dog": str(dcmread(dog, stop_before_pixels=True).StudyInstanceUID),
+            "dog": str(dog_ds.StudyInstanceUID),
             "lateral": str(lateral_ds.StudyInstanceUID),
             "chest": str(chest_ds.StudyInstanceUID),
         }
@@ -72,6 +87,7 @@ def test_gate_answers_not_applicable_for_dog_and_lateral(tmp_path: Path, pacs: P
                 lambda w=what: _state(app, uids[w]) == "NOT_APPLICABLE", 120, f"{what} refused"
             )
             trail = audit_trail(app.sessions, uids[what])
+            assert trail[-1].detail["reasons"][bundle.card.name]["excluded"] == {}
             assert trail[-1].event_type == "STUDY_NOT_APPLICABLE"
             refused = trail[-1].detail["reasons"][bundle.card.name]["not_applicable"]
             assert len(refused) == 1
