@@ -383,13 +383,18 @@ def _border_run(flat: npt.NDArray[np.bool_], limit: int) -> int:
     return run if run <= limit else 0
 
 
-def content_box(pixels: npt.NDArray[Any], tolerance: float = BORDER_TOLERANCE) -> CropBox:
+def content_box(
+    pixels: npt.NDArray[Any], tolerance: float = BORDER_TOLERANCE, passes: int = 3
+) -> CropBox:
     """Return the box inside uniform borders at the image's extreme values.
 
     A border row (column) has all its values within ``tolerance`` x (max - min) of the
     image minimum, or all of them of the maximum: Pixel Padding (PS3.3 C.7.5.1.1.2),
     collimator blanking or a frame added by a viewer. Only edge runs are removed, at most
-    45 % of a side each. The test is invariant to any linear Modality LUT or inversion.
+    45 % of a side each. The test is invariant to any linear Modality LUT or inversion. It
+    is repeated on what is left (``passes``): a Pixel Padding value outside the image's
+    range hides the image's own dark frame until the padding is gone, and the result must
+    be the same with and without padding.
 
     Parameters
     ----------
@@ -397,8 +402,26 @@ def content_box(pixels: npt.NDArray[Any], tolerance: float = BORDER_TOLERANCE) -
         (H, W) or (H, W, 3) stored values.
     tolerance
         Fraction of the value range.
+    passes
+        Maximum number of border-removal passes.
     """
     arr = _validated(pixels)
+    box = CropBox(0, arr.shape[0], 0, arr.shape[1])
+    for _ in range(passes):
+        inner = _content_box_once(arr[box.top : box.bottom, box.left : box.right], tolerance)
+        if inner == CropBox(0, box.bottom - box.top, 0, box.right - box.left):
+            break
+        box = CropBox(
+            box.top + inner.top,
+            box.top + inner.bottom,
+            box.left + inner.left,
+            box.left + inner.right,
+        )
+    return box
+
+
+def _content_box_once(arr: npt.NDArray[Any], tolerance: float) -> CropBox:
+    """Run one pass of :func:`content_box`."""
     grey = arr if arr.ndim == 2 else arr.max(axis=2)
     height, width = grey.shape
     lo, hi = float(grey.min()), float(grey.max())
