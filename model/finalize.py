@@ -63,7 +63,7 @@ def calibrate_bundle(bundle: Bundle, val_records: list[LabeledImage], source: st
             "data": source,
             "threshold_before": card.threshold,
             "threshold_after": threshold,
-            "note": "decisions unchanged: the threshold moves with the temperature",
+            "note": "decisions unchanged: the threshold moves with the calibration",
         }
     )
     training = {**card.training, "calibration": report}

@@ -83,10 +83,13 @@ def test_gate_answers_not_applicable_for_dog_and_lateral(tmp_path: Path, pacs: P
         }
         wait_until(lambda: _state(app, uids["chest"]) == "DONE", 120, "chest study DONE")
         for what in ("dog", "lateral"):
-            wait_until(
-                lambda w=what: _state(app, uids[w]) == "NOT_APPLICABLE", 120, f"{what} refused"
-            )
-            trail = audit_trail(app.sessions, uids[what])
+            uid = uids[what]
+
+            def refused_yet(u: str = uid) -> bool:
+                return _state(app, u) == "NOT_APPLICABLE"
+
+            wait_until(refused_yet, 120, f"{what} refused")
+            trail = audit_trail(app.sessions, uid)
             assert trail[-1].detail["reasons"][bundle.card.name]["excluded"] == {}
             assert trail[-1].event_type == "STUDY_NOT_APPLICABLE"
             refused = trail[-1].detail["reasons"][bundle.card.name]["not_applicable"]
