@@ -43,6 +43,7 @@ _LEGACY_SPEC_DEFAULTS: dict[str, Any] = {
     "geometry": "letterbox",
     "intensity": "voi",
     "crop_borders": False,
+    "source_size": None,
 }
 
 # A border row/column differs from the image extreme by at most this fraction of the range.
@@ -84,6 +85,11 @@ class PreprocessSpec:
         Crop uniform borders at the image extremes (Pixel Padding, PS3.3 C.7.5.1.1.2, and
         black/white frames) before resizing, so padding neither shrinks the anatomy nor
         shifts the intensity percentiles.
+    source_size
+        With ``squash``: first squash to ``source_size`` x ``source_size`` (area), the
+        resolution of the training images (Kermany: 224, as published), then to
+        ``input_size`` -- so the last resampling step is exactly the one training images
+        went through. None: one step.
     """
 
     input_size: int
@@ -95,6 +101,7 @@ class PreprocessSpec:
     geometry: str = "squash"
     intensity: str = "image_range"
     crop_borders: bool = True
+    source_size: int | None = None
 
     def __post_init__(self) -> None:
         """Validate eagerly, naming the offending argument."""
@@ -111,6 +118,8 @@ class PreprocessSpec:
             )
         if self.geometry not in GEOMETRIES:
             raise ValueError(f"geometry must be one of {sorted(GEOMETRIES)}, got {self.geometry!r}")
+        if self.source_size is not None and self.source_size < 8:
+            raise ValueError(f"source_size must be >= 8 or None, got {self.source_size}")
         if self.intensity not in INTENSITIES:
             raise ValueError(
                 f"intensity must be one of {sorted(INTENSITIES)}, got {self.intensity!r}"
@@ -532,8 +541,14 @@ def input_placement(shape: tuple[int, int], spec: PreprocessSpec) -> Letterbox:
 
 
 def _spatial_chain(spec: PreprocessSpec) -> Compose:
+    two_step = spec.source_size is not None and spec.source_size != spec.input_size
+    first = (
+        [Resize(spatial_size=(spec.source_size, spec.source_size), mode="area")]
+        if two_step and spec.source_size is not None
+        else []
+    )
     steps: list[Any] = (
-        [Resize(spatial_size=(spec.input_size, spec.input_size), mode="area")]
+        [*first, Resize(spatial_size=(spec.input_size, spec.input_size), mode="area")]
         if spec.geometry == "squash"
         else [
             Resize(spatial_size=spec.input_size, size_mode="longest", mode="area"),
