@@ -209,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     from model.cli import register as register_model
 
     register_studies(register_admin(sub, studies=studies))
-    register_model(sub)
+    from daemon.renditions import read_through_dicom
+
+    register_model(sub, rendition_reader=read_through_dicom)
     from daemon.outbox_cli import register as register_outbox
 
     register_outbox(sub)

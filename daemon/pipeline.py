@@ -89,7 +89,7 @@ from dicom_io.sr import (
     device_observer_uid,
     model_identity,
 )
-from model.infer import aggregate_study
+from model.infer import ImagePrediction, aggregate_study
 from model.pixels import PixelMeta
 from model.preprocess import to_display
 
@@ -175,6 +175,38 @@ def _read_source(inst: ClaimedInstance) -> Dataset:
         raise UnreadableInstance(inst, "the spooled file is missing", "file") from exc
 
 
+class NotApplicableImages(Exception):
+    """The model's applicability gate refused every selected image of the study."""
+
+
+def keep_applicable(
+    chosen: list[_Selected], predictions: list[ImagePrediction], rejected: dict[str, str]
+) -> tuple[list[_Selected], list[ImagePrediction]]:
+    """Drop images the bundle's applicability gate refuses, recording why by SOP Instance UID.
+
+    Parameters
+    ----------
+    chosen
+        Selected images, in the order of ``predictions``.
+    predictions
+        The classifier's output for them.
+    rejected
+        Filled with ``{sop_instance_uid: reason}`` for every refused image.
+
+    Raises
+    ------
+    NotApplicableImages
+        When no image is left: the study gets no answer from this model.
+    """
+    kept = [(s, p) for s, p in zip(chosen, predictions, strict=True) if p.not_applicable is None]
+    for sel, pred in zip(chosen, predictions, strict=True):
+        if pred.not_applicable is not None:
+            rejected[sel.header.sop_instance_uid] = pred.not_applicable
+    if not kept:
+        raise NotApplicableImages(f"{len(rejected)} image(s) refused by the applicability gate")
+    return [s for s, _ in kept], [p for _, p in kept]
+
+
 @dataclass(frozen=True)
 class _Selected:
     instance: ClaimedInstance
@@ -212,8 +244,32 @@ def to_pixel_meta(image: DecodedImage) -> PixelMeta:
 
 
 def model_pixels(image: DecodedImage) -> npt.NDArray[Any]:
-    """Return the grey levels the model and the heatmap picture both use."""
+    """Return the grey levels a viewer shows (P-values after the VOI step, PS3.4 N.2)."""
     return image.pixels if image.presentation is None else image.presentation.values
+
+
+def model_input(image: DecodedImage) -> tuple[npt.NDArray[Any], PixelMeta]:
+    """Return what the classifier (and its Grad-CAM) reads: the one serving input path.
+
+    The grayscale pipeline of :mod:`dicom_io.grayscale` up to the Modality LUT and polarity,
+    with the header's VOI window passed on in :class:`model.pixels.PixelMeta`: a bundle
+    whose ``intensity`` is ``image_range`` ignores it (its range comes from the image, as
+    for its training JPEGs), a legacy ``voi`` bundle applies it. Training, evaluation
+    (``daemon.renditions``) and the daemon all read DICOM through this function.
+    """
+    grey = image.presentation
+    before_voi = None if grey is None else (grey.unwindowed or grey)
+    if before_voi is None or before_voi.voi_applied:
+        return image.pixels, to_pixel_meta(image)
+    meta = PixelMeta(
+        photometric=before_voi.photometric,
+        window_center=image.window_center,
+        window_width=image.window_width,
+        voi_lut_function=image.voi_lut_function,
+        bits_stored=image.bits_stored,
+        pixel_spacing_mm=image.pixel_spacing_mm,
+    )
+    return before_voi.values, meta
 
 
 class _Payloads:
@@ -459,11 +515,23 @@ class StudyProcessor:
         problems: dict[str, str] = {}
         repairs: dict[str, list[str]] = {}
         for loaded, chosen in plan:
-            records.append(
-                self._classify(
-                    claim, loaded, chosen, decoded, (decode_ms, t_start), problems, repairs
+            rejected: dict[str, str] = {}
+            with contextlib.suppress(NotApplicableImages):
+                records.append(
+                    self._classify(
+                        claim, loaded, chosen, decoded, (decode_ms, t_start), problems, repairs,
+                        rejected,
+                    )
                 )
+            if rejected:
+                reasons[loaded.bundle.card.name]["not_applicable"] = rejected
+        if not records:
+            log.info(
+                "study not applicable: the applicability gate refused every image",
+                extra={"study_instance_uid": claim.study_instance_uid},
             )
+            finish_not_applicable(self._sessions, claim, reasons)
+            return
         if problems:
             reasons["output_problems"] = problems
         if repairs:
@@ -494,16 +562,15 @@ class StudyProcessor:
         timing: tuple[float, float],
         problems: dict[str, str],
         repairs: dict[str, list[str]],
+        rejected: dict[str, str],
     ) -> ResultRecord:
         decode_ms, t_start = timing
         card = loaded.bundle.card
         identity = loaded.bundle.identity
         t0 = time.perf_counter()
-        items = [
-            (model_pixels(decoded[s.header.sop_instance_uid]), _pixel_meta(s, decoded))
-            for s in chosen
-        ]
+        items = [_model_input(s, decoded) for s in chosen]
         predictions = loaded.classifier.classify(items)
+        chosen, predictions = keep_applicable(chosen, predictions, rejected)
         infer_ms = (time.perf_counter() - t0) * 1000
         per_image = {
             s.header.sop_instance_uid: float(p.probability)
@@ -659,7 +726,7 @@ class StudyProcessor:
         """Build the heatmap picture of the study's key image (the one with the top probability)."""
         image = decoded[key.header.sop_instance_uid]
         meta = to_pixel_meta(image)
-        heatmap = _explain(loaded, model_pixels(image), meta)
+        heatmap = _explain(loaded, *model_input(image))
         display = _display(image, meta, loaded)
         source = next(ds for ds in sources if str(ds.SOPInstanceUID) == key.header.sop_instance_uid)
         series_uid, sop_uid = content_result_uids(
@@ -755,10 +822,12 @@ def _grayscale_notes(decoded: dict[str, DecodedImage]) -> dict[str, list[str]]:
     }
 
 
-def _pixel_meta(sel: _Selected, decoded: dict[str, DecodedImage]) -> PixelMeta:
-    """Return the model's pixel description; a value it cannot take is a permanent error."""
+def _model_input(
+    sel: _Selected, decoded: dict[str, DecodedImage]
+) -> tuple[npt.NDArray[Any], PixelMeta]:
+    """Return the model's input of one image; a value it cannot take is a permanent error."""
     try:
-        return to_pixel_meta(decoded[sel.header.sop_instance_uid])
+        return model_input(decoded[sel.header.sop_instance_uid])
     except ValueError as exc:
         raise PermanentProcessingError(
             f"{sel.header.sop_instance_uid}: unsupported image attributes: {exc}"

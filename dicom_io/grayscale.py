@@ -73,6 +73,9 @@ class PresentationImage:
     photometric: str
     voi_applied: bool
     notes: tuple[str, ...] = ()
+    unwindowed: PresentationImage | None = None
+    """When ``voi_applied``: the same image before the VOI step (modality values and
+    polarity), for a model whose intensity range comes from the image itself."""
 
     @property
     def window(self) -> tuple[float, float, str] | None:
@@ -258,7 +261,10 @@ def presentation_values(ds: Dataset, stored: npt.NDArray[Any]) -> PresentationIm
     if padding is not None:
         p_values[padding] = 0.0
     out = np.rint(p_values * P_VALUE_MAX).astype(np.uint16)
-    return PresentationImage(out, "MONOCHROME2", voi_applied=True, notes=tuple(notes))
+    before_voi = _without_voi(values, padding, inverted, [])
+    return PresentationImage(
+        out, "MONOCHROME2", voi_applied=True, notes=tuple(notes), unwindowed=before_voi
+    )
 
 
 def _without_voi(

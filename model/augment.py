@@ -1,4 +1,11 @@
-"""MONAI training augmentations, applied to cached preprocessed tensors (train split only)."""
+"""MONAI training augmentations, applied to cached preprocessed tensors (train split only).
+
+They cover what differs between the training JPEGs and what hospitals send, beyond what
+:func:`model.preprocess.preprocess` already normalises: residual aspect-ratio differences
+(anisotropic zoom), positioning (rotation, translation), non-linear intensity curves of
+other processing chains and display LUTs (gamma, random monotone histogram curves),
+detector noise and resolution (Gaussian noise and smoothing).
+"""
 
 from __future__ import annotations
 
@@ -6,15 +13,26 @@ import math
 
 import torch
 from monai.transforms.compose import Compose
-from monai.transforms.intensity.array import RandAdjustContrast, RandShiftIntensity
+from monai.transforms.intensity.array import (
+    RandAdjustContrast,
+    RandGaussianNoise,
+    RandGaussianSmooth,
+    RandHistogramShift,
+    RandShiftIntensity,
+)
 from monai.transforms.spatial.array import RandAffine
+
+AUGMENTATION_SUMMARY = (
+    "MONAI RandAffine(p=0.8, rot 10deg, translate 6%, zoom rows +/-15% and columns "
+    "+/-10% independently = aspect ratio jitter), RandAdjustContrast(p=0.5, gamma "
+    "0.6-1.6), RandHistogramShift(p=0.3, 4-8 control points), RandGaussianSmooth(p=0.2, "
+    "sigma 0.25-1 px), RandGaussianNoise(p=0.2, std<=0.05), RandShiftIntensity(p=0.3, "
+    "+/-0.1); train split only"
+)
 
 
 def build_augmentation(input_size: int) -> Compose:
-    """Build the training augmentation chain.
-
-    Rotation (+/-10 deg), translation (+/-6 %), zoom (+/-10 %), contrast (gamma) and a
-    small intensity shift, per image, on a channel-first normalised tensor.
+    """Build the training augmentation chain (see :data:`AUGMENTATION_SUMMARY`).
 
     Parameters
     ----------
@@ -28,11 +46,14 @@ def build_augmentation(input_size: int) -> Compose:
                 prob=0.8,
                 rotate_range=(math.radians(10.0),),
                 translate_range=(shift_px, shift_px),
-                scale_range=(0.1, 0.1),
+                scale_range=(0.15, 0.1),
                 padding_mode="border",
                 mode="bilinear",
             ),
-            RandAdjustContrast(prob=0.5, gamma=(0.7, 1.4)),
+            RandAdjustContrast(prob=0.5, gamma=(0.6, 1.6)),
+            RandHistogramShift(num_control_points=(4, 8), prob=0.3),
+            RandGaussianSmooth(sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), prob=0.2),
+            RandGaussianNoise(prob=0.2, mean=0.0, std=0.05),
             RandShiftIntensity(offsets=0.1, prob=0.3),
         ]
     )

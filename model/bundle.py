@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from model.applicability import GATE_FILE, ApplicabilityGate, load_gate
 from model.preprocess import PreprocessSpec
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,9 @@ class ModelCard(BaseModel):
     manufacturer: str = "radflag"
     description: str = ""
     limitations: str = ""
+    temperature: float = Field(default=1.0, gt=0.0)
+    logit_bias: float = 0.0
+    applicability: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("preprocessing")
     @classmethod
@@ -148,11 +152,12 @@ class ModelIdentity:
 
 @dataclass
 class Bundle:
-    """A loaded bundle: card plus a network in eval mode on the CPU."""
+    """A loaded bundle: card, network in eval mode on the CPU, optional applicability gate."""
 
     path: Path
     card: ModelCard
     model: torch.nn.Module
+    gate: ApplicabilityGate | None = None
 
     @property
     def identity(self) -> ModelIdentity:
@@ -246,6 +251,7 @@ def load_bundle(path: Path) -> Bundle:
     except RuntimeError as exc:
         raise BundleError(f"weights in {weights} do not fit {card.architecture}: {exc}") from exc
     net.eval()
+    gate = _load_gate(path, card)
     logger.info(
         "loaded model bundle",
         extra={
@@ -255,7 +261,24 @@ def load_bundle(path: Path) -> Bundle:
             "weights_sha256": actual,
         },
     )
-    return Bundle(path=path, card=card, model=net)
+    return Bundle(path=path, card=card, model=net, gate=gate)
+
+
+def _load_gate(path: Path, card: ModelCard) -> ApplicabilityGate | None:
+    """Load the applicability gate the card names, verifying its sha256; None without one."""
+    expected = card.applicability.get("sha256")
+    if not expected:
+        return None
+    gate_path = path / GATE_FILE
+    if not gate_path.is_file():
+        raise BundleError(f"card of {path} names an applicability gate but {GATE_FILE} is missing")
+    actual = file_sha256(gate_path)
+    if actual != expected:
+        raise BundleError(f"sha256 mismatch for {gate_path}: card {expected}, file {actual}")
+    try:
+        return load_gate(gate_path)
+    except (SafetensorError, OSError, KeyError) as exc:
+        raise BundleError(f"cannot read {gate_path}: {exc}") from exc
 
 
 def _atomic_write(target: Path, write: Any) -> None:

@@ -8,7 +8,10 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from model.renditions import RenditionReader
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +78,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.renditions:
+        return _cmd_renditions(args)
     from model.bundle import BundleError, default_bundle_path, load_bundle, write_card
     from model.data import read_dataset
     from model.evaluate import (
@@ -144,6 +149,92 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_records(args: argparse.Namespace, bundle: Any, split: str) -> list[Any]:
+    from model.evaluate import card_split
+
+    records: list[Any] = card_split(bundle.card, split, args.labels)
+    return records
+
+
+def _balanced_subset(records: list[Any], limit: int | None, seed: int = 0) -> list[Any]:
+    """Return ``limit`` records, every class in proportion, in a seeded order."""
+    from model.train import stratified_limit
+
+    if limit is None or limit >= len(records):
+        return records
+    subset: list[Any] = stratified_limit(records, limit, seed)
+    return subset
+
+
+def _cmd_renditions(args: argparse.Namespace) -> int:
+    from model.bundle import BundleError, default_bundle_path, load_bundle
+    from model.finalize import record_renditions
+    from model.renditions import direct_reader, format_table, rendition_table
+
+    reader = args.rendition_reader or direct_reader
+    try:
+        bundle = load_bundle(args.bundle or default_bundle_path())
+        split = args.split or "validation"
+        records = _balanced_subset(_split_records(args, bundle, split), args.rendition_limit)
+        rows = rendition_table(bundle, records, reader)
+    except (BundleError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    via = "dicom_io reader" if args.rendition_reader else "direct (no DICOM encoding)"
+    data = (
+        f"{len(records)} images of the {split} split (held-out patients) of "
+        f"{bundle.card.training.get('data')}, rendered by model.renditions, read via {via}"
+    )
+    print(format_table(rows, data))
+    table = [r.to_dict() for r in rows]
+    if args.json is not None:
+        args.json.write_text(json.dumps({"data": data, "rows": table}, indent=2) + "\n")
+    if args.write_card:
+        record_renditions(bundle, split, [{"data": data}, *table])
+        print(f"rendition table written to the card of {bundle.path}")
+    return 0 if all(r.passes for r in rows) else 1
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from model.bundle import BundleError, default_bundle_path, load_bundle
+    from model.finalize import calibrate_bundle, default_data
+
+    try:
+        bundle = load_bundle(args.bundle or default_bundle_path())
+        records = _split_records(args, bundle, "validation")
+        source = f"validation split of {default_data(bundle, args.labels)}"
+        bundle = calibrate_bundle(bundle, records, source)
+    except (BundleError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(bundle.card.training["calibration"], indent=2))
+    return 0
+
+
+def _cmd_fit_gate(args: argparse.Namespace) -> int:
+    from model.bundle import BundleError, default_bundle_path, load_bundle
+    from model.finalize import default_data, fit_bundle_gate
+
+    try:
+        bundle = load_bundle(args.bundle or default_bundle_path())
+        train, val, test = (
+            _split_records(args, bundle, s) for s in ("train", "validation", "test")
+        )
+        bundle = fit_bundle_gate(
+            bundle,
+            train,
+            val,
+            test,
+            source=default_data(bundle, args.labels),
+            quantile=args.quantile,
+        )
+    except (BundleError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(bundle.card.applicability, indent=2))
+    return 0
+
+
 def format_card(card_dict: dict[str, Any]) -> str:
     """Human-readable multi-line rendering of a model card.
 
@@ -158,7 +249,7 @@ def format_card(card_dict: dict[str, Any]) -> str:
         f"  finding: {card_dict['finding']['scheme']} {card_dict['finding']['value']} "
         f'"{card_dict["finding"]["meaning"]}"',
         f"  modalities: {', '.join(card_dict['modalities'])}",
-        f"  threshold: {card_dict['threshold']:.4f}",
+        f"  threshold: {card_dict['threshold']:.4f} (temperature {card_dict['temperature']:.3f})",
         f"  preprocessing: {card_dict['preprocessing']}",
         f"  weights: {card_dict['weights_dtype']} sha256 {card_dict['weights_sha256']}",
     ]
@@ -168,6 +259,14 @@ def format_card(card_dict: dict[str, Any]) -> str:
                 f"  {split_name}: n={m['n']} acc={m['accuracy']:.4f} auc={m['auc']:.4f} "
                 f"sens={m['sensitivity']:.4f} spec={m['specificity']:.4f}"
             )
+    gate = card_dict.get("applicability") or {}
+    if gate:
+        frr = gate.get("false_rejection", {})
+        lines.append(
+            f"  applicability gate: distance <= {gate.get('threshold', float('nan')):.3f}, "
+            f"contrast >= {gate.get('contrast_threshold', float('nan')):.3f}; FRR "
+            + ", ".join(f"{k} {v['false_rejection_rate']:.4f}" for k, v in frr.items())
+        )
     training = card_dict.get("training", {})
     for key in ("data", "command", "duration_s", "epochs_run", "best_epoch"):
         if key in training:
@@ -193,8 +292,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``model`` command with ``train``, ``evaluate`` and ``info`` sub-commands.
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    rendition_reader: RenditionReader | None = None,
+) -> None:
+    """Add the ``model`` command: ``train``, ``evaluate``, ``calibrate``, ``fit-gate``, ``info``.
 
     Each sub-command sets ``func`` (``callable(args) -> int``).
 
@@ -202,6 +304,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ----------
     subparsers
         The caller's sub-parser collection.
+    rendition_reader
+        How ``evaluate --renditions`` reads a rendered image: the daemon passes
+        ``daemon.renditions.read_through_dicom`` (real DICOM through ``dicom_io``); without
+        it the attributes are mapped directly (the model package never imports pydicom).
     """
     model_p = subparsers.add_parser("model", help="train, evaluate and inspect model bundles")
     sub = model_p.add_subparsers(dest="model_command", required=True)
@@ -286,7 +392,31 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: none)")
     e.add_argument("--no-progress", action="store_true")
-    e.set_defaults(func=_cmd_evaluate)
+    e.add_argument(
+        "--renditions",
+        action="store_true",
+        help="rendition contract: render --split images (default validation) as DICOM DX "
+        "variants and print mean |dp| and decision agreement vs the training JPEG; "
+        "exit 1 when a rendition misses the targets",
+    )
+    e.add_argument(
+        "--rendition-limit", type=int, default=None, help="use N images (class-stratified)"
+    )
+    e.add_argument(
+        "--write-card", action="store_true", help="record the rendition table in the card"
+    )
+    e.set_defaults(func=_cmd_evaluate, rendition_reader=rendition_reader)
+
+    c = sub.add_parser("calibrate", help="temperature scaling on the card's validation split")
+    c.add_argument("--bundle", type=Path, default=None, help="default: the shipped bundle")
+    c.add_argument("--labels", type=Path, default=None, help="where the training data now is")
+    c.set_defaults(func=_cmd_calibrate)
+
+    g = sub.add_parser("fit-gate", help="fit the not-a-chest-radiograph applicability gate")
+    g.add_argument("--bundle", type=Path, default=None, help="default: the shipped bundle")
+    g.add_argument("--labels", type=Path, default=None, help="where the training data now is")
+    g.add_argument("--quantile", type=float, default=0.995, help="validation distance quantile")
+    g.set_defaults(func=_cmd_fit_gate)
 
     i = sub.add_parser("info", help="print a bundle's model card")
     i.add_argument("--bundle", type=Path, default=None, help="default: the shipped bundle")

@@ -20,7 +20,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional alias
 
-from model.preprocess import letterbox_geometry
+from model.preprocess import CropBox, PreprocessSpec, input_placement
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class Explanation:
         P(positive class), identical (within 1e-5) to the classifier's output.
     heatmap
         float32 (H, W) in [0, 1] on the SOURCE image's pixel grid (same H, W as the stored
-        pixels; letterbox and resize undone). 1 marks the strongest evidence for the
+        pixels; crop, resize and letterbox undone). 1 marks the strongest evidence for the
         positive class; all zeros when no region raises the positive logit.
     """
 
@@ -57,7 +57,12 @@ class FeatureNetwork(Protocol):
 
 
 def grad_cam(
-    net: torch.nn.Module, batch: torch.Tensor, *, autocast: bool = False
+    net: torch.nn.Module,
+    batch: torch.Tensor,
+    *,
+    autocast: bool = False,
+    temperature: float = 1.0,
+    logit_bias: float = 0.0,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32]]:
     """Run one forward/backward pass and return probabilities and raw Grad-CAM maps.
 
@@ -70,6 +75,8 @@ def grad_cam(
     autocast
         Run the forward pass under ``torch.autocast`` (CUDA mixed precision), as
         :meth:`model.infer.Classifier.predict` does.
+    temperature, logit_bias
+        The card's calibration: probabilities are ``sigmoid(logit / T + b)``.
 
     Returns
     -------
@@ -93,7 +100,7 @@ def grad_cam(
         (grads,) = torch.autograd.grad(logits.sum(), features)
     weights = grads.float().mean(dim=(2, 3), keepdim=True)
     cams = torch.relu((weights * features.detach().float()).sum(dim=1))
-    probs = torch.sigmoid(logits.detach())
+    probs = torch.sigmoid(logits.detach() / temperature + logit_bias)
     return (
         probs.cpu().numpy().astype(np.float64),
         cams.cpu().numpy().astype(np.float32),
@@ -101,13 +108,18 @@ def grad_cam(
 
 
 def cam_to_source(
-    cam: npt.NDArray[np.float32], source_shape: tuple[int, int], input_size: int
+    cam: npt.NDArray[np.float32],
+    source_shape: tuple[int, int],
+    spec: PreprocessSpec,
+    box: CropBox | None = None,
 ) -> npt.NDArray[np.float32]:
     """Map a Grad-CAM map from the model input back onto the source pixel grid.
 
-    The map is upsampled (bilinear) to the square model input, the letterbox padding of
-    :func:`model.preprocess.letterbox_geometry` is cropped away and the rest is resized to
-    ``source_shape``, then scaled to [0, 1] by its maximum.
+    The map is upsampled (bilinear) to the square model input, the part that holds the
+    image (:func:`model.preprocess.input_placement`: all of it for ``squash``, without the
+    padding for ``letterbox``) is resized to the crop box of :func:`preprocess` and pasted
+    at its place in ``source_shape`` (cropped borders get 0), then scaled to [0, 1] by its
+    maximum.
 
     Parameters
     ----------
@@ -115,26 +127,33 @@ def cam_to_source(
         (h, w) non-negative map of the last stage.
     source_shape
         (H, W) of the stored pixels.
-    input_size
-        Side of the square model input.
+    spec
+        Preprocessing spec of the bundle.
+    box
+        Crop box :func:`model.preprocess.crop_box` used (default: the whole source).
     """
-    box = letterbox_geometry(source_shape, input_size)
+    height, width = int(source_shape[0]), int(source_shape[1])
+    box = box if box is not None else CropBox(0, height, 0, width)
+    place = input_placement((box.bottom - box.top, box.right - box.left), spec)
+    size = spec.input_size
     grid = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None, None]
-    full = F.interpolate(grid, size=(input_size, input_size), mode="bilinear", align_corners=False)
+    full = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)
     inner = full[
         :,
         :,
-        box.pad_top : box.pad_top + box.resized_h,
-        box.pad_left : box.pad_left + box.resized_w,
+        place.pad_top : place.pad_top + place.resized_h,
+        place.pad_left : place.pad_left + place.resized_w,
     ]
-    source = F.interpolate(
+    kept = F.interpolate(
         inner,
-        size=(int(source_shape[0]), int(source_shape[1])),
+        size=(box.bottom - box.top, box.right - box.left),
         mode="bilinear",
         align_corners=False,
     )[0, 0]
+    source = torch.zeros((height, width), dtype=torch.float32)
+    source[box.top : box.bottom, box.left : box.right] = kept
     peak = float(source.max())
     if peak <= 0.0 or not np.isfinite(peak):
-        return np.zeros((int(source_shape[0]), int(source_shape[1])), dtype=np.float32)
+        return np.zeros((height, width), dtype=np.float32)
     heat = torch.clamp(source / peak, 0.0, 1.0)
     return np.ascontiguousarray(heat.numpy(), dtype=np.float32)

@@ -11,10 +11,11 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from model.applicability import logits_and_features, mediastinum_contrast
 from model.bundle import Aggregation, Bundle
 from model.explain import Explanation, cam_to_source, grad_cam
 from model.pixels import PixelMeta
-from model.preprocess import preprocess
+from model.preprocess import crop_box, preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +47,21 @@ def select_device(preference: str = "auto") -> torch.device:
 
 @dataclass(frozen=True)
 class ImagePrediction:
-    """Result for one image: P(positive class) and the thresholded decision."""
+    """Result for one image.
+
+    Attributes
+    ----------
+    probability
+        Calibrated P(positive class) (``sigmoid(logit / temperature + logit_bias)``).
+    positive
+        ``probability >= threshold``.
+    not_applicable
+        Why the applicability gate rejects the image, or None (also without a gate).
+    """
 
     probability: float
     positive: bool
+    not_applicable: str | None = None
 
 
 def aggregate_study(
@@ -105,6 +117,9 @@ class Classifier:
         self.batch_size = batch_size
         self.spec = bundle.card.preprocess_spec
         self.threshold = bundle.card.threshold
+        self.temperature = bundle.card.temperature
+        self.logit_bias = bundle.card.logit_bias
+        self.gate = bundle.gate
         self._net = bundle.model.to(self.device).eval()
         self._expected_shape = (self.spec.channels, self.spec.input_size, self.spec.input_size)
 
@@ -122,7 +137,7 @@ class Classifier:
         return host.to(self.device)
 
     def predict(self, images: Sequence[npt.NDArray[Any]]) -> npt.NDArray[np.float64]:
-        """Return P(positive class) for preprocessed (C, H, W) arrays.
+        """Return calibrated P(positive class) for preprocessed (C, H, W) arrays.
 
         Parameters
         ----------
@@ -134,21 +149,54 @@ class Classifier:
         numpy.ndarray
             float64 array of shape (N,).
         """
+        return self._forward(images, with_gate=False)[0]
+
+    def _forward(
+        self, images: Sequence[npt.NDArray[Any]], with_gate: bool
+    ) -> tuple[npt.NDArray[np.float64], list[str | None]]:
+        """Return probabilities and, with the gate, why each image is refused (one pass)."""
         out = np.empty(len(images), dtype=np.float64)
+        gate = self.gate if with_gate else None
+        reasons: list[str | None] = [None] * len(images)
         use_cuda = self.device.type == "cuda"
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
                 batch = self._batch_tensor(images[start : start + self.batch_size])
                 with torch.autocast(device_type=self.device.type, enabled=use_cuda):
-                    logits = self._net(batch)
-                probs = torch.sigmoid(logits.float().reshape(-1))
+                    if gate is not None:
+                        logits, feats = logits_and_features(self._net, batch)
+                    else:
+                        logits = self._net(batch)
+                probs = torch.sigmoid(
+                    logits.float().reshape(-1) / self.temperature + self.logit_bias
+                )
                 out[start : start + len(probs)] = probs.cpu().numpy().astype(np.float64)
-        return out
+                if gate is not None:
+                    dist = gate.distances(feats.float().cpu().numpy())
+                    contrast = mediastinum_contrast(batch.float().cpu().numpy())
+                    for k, (d, c) in enumerate(zip(dist, contrast, strict=True)):
+                        reasons[start + k] = gate.reason(float(d), float(c))
+        return out, reasons
+
+    def features(self, images: Sequence[npt.NDArray[Any]]) -> npt.NDArray[np.float32]:
+        """Return pooled penultimate features (N, D) of preprocessed arrays (gate fitting).
+
+        Parameters
+        ----------
+        images
+            Outputs of :func:`model.preprocess.preprocess` with this bundle's spec.
+        """
+        chunks: list[npt.NDArray[np.float32]] = []
+        with torch.inference_mode():
+            for start in range(0, len(images), self.batch_size):
+                batch = self._batch_tensor(images[start : start + self.batch_size])
+                chunks.append(logits_and_features(self._net, batch)[1].float().cpu().numpy())
+        return np.concatenate(chunks) if chunks else np.empty((0, 0), dtype=np.float32)
 
     def classify(
         self, items: Sequence[tuple[npt.NDArray[Any], PixelMeta]]
     ) -> list[ImagePrediction]:
-        """Preprocess and classify images.
+        """Preprocess and classify images; with a gate, say which are not applicable.
 
         Parameters
         ----------
@@ -157,8 +205,11 @@ class Classifier:
             :func:`model.preprocess.load_image_file`.
         """
         tensors = [preprocess(pixels, meta, self.spec) for pixels, meta in items]
-        probs = self.predict(tensors)
-        return [ImagePrediction(float(p), bool(p >= self.threshold)) for p in probs]
+        probs, reasons = self._forward(tensors, with_gate=True)
+        return [
+            ImagePrediction(float(p), bool(p >= self.threshold), why)
+            for p, why in zip(probs, reasons, strict=True)
+        ]
 
     def explain(self, items: Sequence[tuple[npt.NDArray[Any], PixelMeta]]) -> list[Explanation]:
         """Classify images and return a Grad-CAM heatmap with each probability.
@@ -179,13 +230,21 @@ class Classifier:
             One per item, in order.
         """
         shapes = [(int(np.shape(p)[0]), int(np.shape(p)[1])) for p, _ in items]
+        boxes = [crop_box(pixels, self.spec) for pixels, _ in items]
         tensors = [preprocess(pixels, meta, self.spec) for pixels, meta in items]
         use_cuda = self.device.type == "cuda"
         out: list[Explanation] = []
         for start in range(0, len(tensors), self.batch_size):
             batch = self._batch_tensor(tensors[start : start + self.batch_size])
-            probs, cams = grad_cam(self._net, batch, autocast=use_cuda)
+            probs, cams = grad_cam(
+                self._net,
+                batch,
+                autocast=use_cuda,
+                temperature=self.temperature,
+                logit_bias=self.logit_bias,
+            )
             for offset, (prob, cam) in enumerate(zip(probs, cams, strict=True)):
-                heatmap = cam_to_source(cam, shapes[start + offset], self.spec.input_size)
+                i = start + offset
+                heatmap = cam_to_source(cam, shapes[i], self.spec, boxes[i])
                 out.append(Explanation(probability=float(prob), heatmap=heatmap))
         return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,24 @@ _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 DEFAULT_PERCENTILE_LOW = 0.5
 DEFAULT_PERCENTILE_HIGH = 99.5
 
+GEOMETRIES = frozenset({"squash", "letterbox"})
+INTENSITIES = frozenset({"image_range", "voi"})
+
+# Cards written before ``geometry``/``intensity``/``crop_borders`` existed were trained and
+# served with a letterbox, the VOI window when present and no border cropping.
+_LEGACY_SPEC_DEFAULTS: dict[str, Any] = {
+    "geometry": "letterbox",
+    "intensity": "voi",
+    "crop_borders": False,
+    "source_size": None,
+}
+
+# A border row/column differs from the image extreme by at most this fraction of the range.
+BORDER_TOLERANCE = 0.02
+# Border cropping never removes more than this fraction of a side (a mostly uniform
+# image is content, not a border).
+_MAX_BORDER_FRACTION = 0.45
+
 
 @dataclass(frozen=True)
 class PreprocessSpec:
@@ -42,9 +60,7 @@ class PreprocessSpec:
     Attributes
     ----------
     input_size
-        Side of the square model input in pixels. The whole image is kept: the longer side
-        is resized to ``input_size`` (area interpolation) and the shorter side is padded
-        symmetrically with black (letterbox).
+        Side of the square model input in pixels.
     channels
         1, or 3 (the grey image replicated).
     mean, std
@@ -52,6 +68,28 @@ class PreprocessSpec:
     percentile_low, percentile_high
         Intensity range used when the image carries no VOI window: these percentiles of
         the modality-rescaled image map to 0 and 1 (values outside are clipped).
+    geometry
+        ``squash``: the image (after border cropping) is resized to ``input_size`` x
+        ``input_size`` whatever its aspect ratio -- the geometry of the Kermany training
+        JPEGs, which their publisher squashed to 224 x 224, so a real radiograph squashed
+        the same way looks like what the network learned. ``letterbox``: the longer side is
+        resized and the shorter side padded with black (legacy bundles).
+    intensity
+        ``image_range``: the model sees the Modality LUT output (PS3.3 C.11.1) stretched
+        between its own percentiles, MONOCHROME1 inverted; the VOI window, a display
+        preference of the sending site, is used only for display (:func:`to_display`). A
+        linear re-encoding of the same radiograph (bit depth, slope/intercept, any window)
+        then gives the same model input. ``voi``: VOI window when present, else the
+        percentile range (legacy bundles).
+    crop_borders
+        Crop uniform borders at the image extremes (Pixel Padding, PS3.3 C.7.5.1.1.2, and
+        black/white frames) before resizing, so padding neither shrinks the anatomy nor
+        shifts the intensity percentiles.
+    source_size
+        With ``squash``: first squash to ``source_size`` x ``source_size`` (area), the
+        resolution of the training images (Kermany: 224, as published), then to
+        ``input_size`` -- so the last resampling step is exactly the one training images
+        went through. None: one step.
     """
 
     input_size: int
@@ -60,6 +98,10 @@ class PreprocessSpec:
     std: float = 0.25
     percentile_low: float = DEFAULT_PERCENTILE_LOW
     percentile_high: float = DEFAULT_PERCENTILE_HIGH
+    geometry: str = "squash"
+    intensity: str = "image_range"
+    crop_borders: bool = True
+    source_size: int | None = None
 
     def __post_init__(self) -> None:
         """Validate eagerly, naming the offending argument."""
@@ -74,6 +116,14 @@ class PreprocessSpec:
                 "need 0 <= percentile_low < percentile_high <= 100, got "
                 f"{self.percentile_low}, {self.percentile_high}"
             )
+        if self.geometry not in GEOMETRIES:
+            raise ValueError(f"geometry must be one of {sorted(GEOMETRIES)}, got {self.geometry!r}")
+        if self.source_size is not None and self.source_size < 8:
+            raise ValueError(f"source_size must be >= 8 or None, got {self.source_size}")
+        if self.intensity not in INTENSITIES:
+            raise ValueError(
+                f"intensity must be one of {sorted(INTENSITIES)}, got {self.intensity!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict."""
@@ -86,13 +136,14 @@ class PreprocessSpec:
         Parameters
         ----------
         data
-            Mapping with at least ``input_size`` and ``channels``.
+            Mapping with at least ``input_size`` and ``channels``. Keys absent from cards of
+        earlier versions take their legacy values (letterbox, VOI window, no cropping).
         """
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown preprocessing keys: {sorted(unknown)}")
-        return cls(**data)
+        return cls(**{**_LEGACY_SPEC_DEFAULTS, **data})
 
 
 def _validated(pixels: npt.NDArray[Any]) -> npt.NDArray[Any]:
@@ -306,7 +357,10 @@ def unit_intensity(
 
 
 def to_unit_range(pixels: npt.NDArray[Any], meta: PixelMeta, spec: PreprocessSpec) -> FloatArray:
-    """Return :func:`unit_intensity` with the percentiles of ``spec``.
+    """Return the [0, 1] model intensity of ``pixels`` as ``spec.intensity`` says.
+
+    ``image_range`` ignores the VOI window (display only) and stretches the Modality LUT
+    output between the spec's percentiles; ``voi`` is :func:`unit_intensity` as is.
 
     Parameters
     ----------
@@ -315,9 +369,87 @@ def to_unit_range(pixels: npt.NDArray[Any], meta: PixelMeta, spec: PreprocessSpe
     meta
         Pixel metadata from the reader.
     spec
-        Preprocessing spec (percentiles used when no window is present).
+        Preprocessing spec.
     """
+    if spec.intensity == "image_range":
+        meta = replace(meta, window_center=None, window_width=None, voi_lut_function="LINEAR")
     return unit_intensity(pixels, meta, spec.percentile_low, spec.percentile_high)
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """Rows ``top:bottom`` and columns ``left:right`` of the source that hold the image."""
+
+    top: int
+    bottom: int
+    left: int
+    right: int
+
+
+def _border_run(flat: npt.NDArray[np.bool_], limit: int) -> int:
+    """Return the number of leading True values of ``flat`` (0 if above ``limit``)."""
+    run = int(np.argmin(flat)) if not flat.all() else flat.size
+    return run if run <= limit else 0
+
+
+def content_box(
+    pixels: npt.NDArray[Any], tolerance: float = BORDER_TOLERANCE, passes: int = 3
+) -> CropBox:
+    """Return the box inside uniform borders at the image's extreme values.
+
+    A border row (column) has all its values within ``tolerance`` x (max - min) of the
+    image minimum, or all of them of the maximum: Pixel Padding (PS3.3 C.7.5.1.1.2),
+    collimator blanking or a frame added by a viewer. Only edge runs are removed, at most
+    45 % of a side each. The test is invariant to any linear Modality LUT or inversion. It
+    is repeated on what is left (``passes``): a Pixel Padding value outside the image's
+    range hides the image's own dark frame until the padding is gone, and the result must
+    be the same with and without padding.
+
+    Parameters
+    ----------
+    pixels
+        (H, W) or (H, W, 3) stored values.
+    tolerance
+        Fraction of the value range.
+    passes
+        Maximum number of border-removal passes.
+    """
+    arr = _validated(pixels)
+    box = CropBox(0, arr.shape[0], 0, arr.shape[1])
+    for _ in range(passes):
+        inner = _content_box_once(arr[box.top : box.bottom, box.left : box.right], tolerance)
+        if inner == CropBox(0, box.bottom - box.top, 0, box.right - box.left):
+            break
+        box = CropBox(
+            box.top + inner.top,
+            box.top + inner.bottom,
+            box.left + inner.left,
+            box.left + inner.right,
+        )
+    return box
+
+
+def _content_box_once(arr: npt.NDArray[Any], tolerance: float) -> CropBox:
+    """Run one pass of :func:`content_box`."""
+    grey = arr if arr.ndim == 2 else arr.max(axis=2)
+    height, width = grey.shape
+    lo, hi = float(grey.min()), float(grey.max())
+    full = CropBox(0, height, 0, width)
+    if hi <= lo:
+        return full
+    tol = tolerance * (hi - lo)
+    row_min, row_max = grey.min(axis=1), grey.max(axis=1)
+    col_min, col_max = grey.min(axis=0), grey.max(axis=0)
+    rows = (row_max <= lo + tol) | (row_min >= hi - tol)
+    cols = (col_max <= lo + tol) | (col_min >= hi - tol)
+    if rows.all() or cols.all():
+        return full
+    max_h, max_w = int(_MAX_BORDER_FRACTION * height), int(_MAX_BORDER_FRACTION * width)
+    top, bottom = _border_run(rows, max_h), _border_run(rows[::-1], max_h)
+    left, right = _border_run(cols, max_w), _border_run(cols[::-1], max_w)
+    if height - top - bottom < 2 or width - left - right < 2:
+        return full
+    return CropBox(top, height - bottom, left, width - right)
 
 
 def to_display(
@@ -391,11 +523,38 @@ def letterbox_geometry(shape: tuple[int, int], input_size: int) -> Letterbox:
     )
 
 
+def input_placement(shape: tuple[int, int], spec: PreprocessSpec) -> Letterbox:
+    """Return where a (H, W) image (after cropping) lands in the model input of ``spec``.
+
+    ``squash`` fills the whole input; ``letterbox`` is :func:`letterbox_geometry`.
+
+    Parameters
+    ----------
+    shape
+        (H, W) of the cropped source.
+    spec
+        Preprocessing spec.
+    """
+    if spec.geometry == "squash":
+        return Letterbox(spec.input_size, spec.input_size, spec.input_size, 0, 0)
+    return letterbox_geometry(shape, spec.input_size)
+
+
 def _spatial_chain(spec: PreprocessSpec) -> Compose:
-    steps: list[Any] = [
-        Resize(spatial_size=spec.input_size, size_mode="longest", mode="area"),
-        SpatialPad(spatial_size=(spec.input_size, spec.input_size), mode="constant"),
-    ]
+    two_step = spec.source_size is not None and spec.source_size != spec.input_size
+    first = (
+        [Resize(spatial_size=(spec.source_size, spec.source_size), mode="area")]
+        if two_step and spec.source_size is not None
+        else []
+    )
+    steps: list[Any] = (
+        [*first, Resize(spatial_size=(spec.input_size, spec.input_size), mode="area")]
+        if spec.geometry == "squash"
+        else [
+            Resize(spatial_size=spec.input_size, size_mode="longest", mode="area"),
+            SpatialPad(spatial_size=(spec.input_size, spec.input_size), mode="constant"),
+        ]
+    )
     if spec.channels == 3:
         steps.append(RepeatChannel(repeats=3))
     steps.append(
@@ -407,13 +566,31 @@ def _spatial_chain(spec: PreprocessSpec) -> Compose:
     return Compose(steps)
 
 
+def crop_box(pixels: npt.NDArray[Any], spec: PreprocessSpec) -> CropBox:
+    """Return the part of ``pixels`` that :func:`preprocess` keeps (all of it without cropping).
+
+    Parameters
+    ----------
+    pixels
+        Stored values.
+    spec
+        Preprocessing spec.
+    """
+    if spec.crop_borders:
+        return content_box(pixels)
+    arr = _validated(pixels)
+    return CropBox(0, int(arr.shape[0]), 0, int(arr.shape[1]))
+
+
 def preprocess(pixels: npt.NDArray[Any], meta: PixelMeta, spec: PreprocessSpec) -> FloatArray:
     """Turn stored pixel values into the model input.
 
-    Steps: Modality LUT (PS3.3 C.11.1, linear rescale) -> VOI window (PS3.3 C.11.2, if
-    given; else percentile range of the image) -> MONOCHROME1 inversion (PS3.3
-    C.7.6.3.1.2) -> [0, 1] -> letterbox resize to ``spec.input_size`` -> channels ->
-    normalisation. Deterministic.
+    Steps: uniform-border crop (:func:`content_box`, if ``spec.crop_borders``) -> Modality
+    LUT (PS3.3 C.11.1, linear rescale) -> intensity range (``spec.intensity``: the image's
+    own percentiles, or the VOI window of PS3.3 C.11.2) -> MONOCHROME1 inversion (PS3.3
+    C.7.6.3.1.2) -> [0, 1] -> resize to ``spec.input_size`` (``spec.geometry``: squash or
+    letterbox) -> channels -> normalisation. Deterministic. The one function training,
+    evaluation and the daemon use.
 
     Parameters
     ----------
@@ -434,7 +611,9 @@ def preprocess(pixels: npt.NDArray[Any], meta: PixelMeta, spec: PreprocessSpec) 
     ValueError
         On shapes, dtypes or values that cannot be an image.
     """
-    unit = to_unit_range(pixels, meta, spec)
+    box = crop_box(pixels, spec)
+    kept = np.asarray(pixels)[box.top : box.bottom, box.left : box.right]
+    unit = to_unit_range(kept, meta, spec)
     out = _spatial_chain(spec)(unit[np.newaxis])
     arr = np.asarray(out.detach().cpu().numpy() if hasattr(out, "detach") else out)
     return np.ascontiguousarray(arr, dtype=np.float32)

@@ -27,7 +27,7 @@ import timm
 import torch
 from tqdm import tqdm
 
-from model.augment import augment_batch, build_augmentation
+from model.augment import AUGMENTATION_SUMMARY, augment_batch, build_augmentation
 from model.bundle import (
     PNEUMONIA_FINDING,
     Bundle,
@@ -518,10 +518,7 @@ def train(config: TrainConfig) -> TrainResult:
         "best_epoch": best_epoch + 1,
         "history": history,
         "class_imbalance": f"BCE pos_weight={float(pos_weight):.4f} (n_neg/n_pos)",
-        "augmentation": (
-            "MONAI RandAffine(rot 10deg, translate 6%, zoom 10%), RandAdjustContrast, "
-            "RandShiftIntensity; train split only"
-        ),
+        "augmentation": AUGMENTATION_SUMMARY,
         "threshold_rule": (
             f"highest threshold with validation sensitivity >= {config.target_sensitivity}, "
             "else Youden"

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from daemon.app import Radflag
 from daemon.models import LoadedModel, load_models
 from db.models import Result, Study
-from model.bundle import ModelCard, build_network, default_bundle_path, save_bundle
+from model.bundle import ModelCard, build_network, save_bundle
 from model.infer import Classifier
 from model.preprocess import PreprocessSpec
 from tests.daemon.conftest import PacsStandIn, make_settings, storescu, wait_until
@@ -150,11 +150,41 @@ def test_ct_series_gets_one_topk_mean_result(tmp_path: Path, pacs: PacsStandIn) 
     assert sr_uids == {study_uid}
 
 
+def _tiny_cxr_bundle(tmp_path: Path, name: str, positive: str, finding: dict[str, str]) -> Path:
+    """An untrained CR/DX bundle without applicability gate (noise images are not refused)."""
+    torch.manual_seed(2)
+    spec = PreprocessSpec(input_size=32, channels=1)
+    card = ModelCard(
+        name=name,
+        version="0.0.1-test",
+        architecture="resnet10t",
+        classes=sorted([positive, "other"]),
+        positive_class=positive,
+        preprocessing=spec.to_dict(),
+        threshold=0.5,
+        modalities=["CR", "DX"],
+        finding=finding,
+        description="untrained bundle for the multi-bundle path",
+    )
+    return save_bundle(tmp_path / name, build_network("resnet10t", spec), card).path
+
+
 def test_two_bundles_give_two_results_for_one_study(tmp_path: Path, pacs: PacsStandIn) -> None:
-    covid = default_bundle_path().parent / "covid19"
-    if not (covid / "model.json").is_file():
-        pytest.fail(f"shipped COVID-19 bundle missing at {covid}")
-    models = load_models([default_bundle_path(), covid], device="cpu", batch_size=4)
+    # no COVID-19 weights are shipped, and the shipped pneumonia bundle's gate refuses the
+    # noise images used here: two tiny bundles exercise the multi-bundle path
+    pneumonia = _tiny_cxr_bundle(
+        tmp_path,
+        "test-pneumonia-cxr",
+        "pneumonia",
+        {"scheme": "SCT", "value": "233604007", "meaning": "Pneumonia"},
+    )
+    covid = _tiny_cxr_bundle(
+        tmp_path,
+        "test-covid19-cxr",
+        "covid",
+        {"scheme": "SCT", "value": "840539006", "meaning": "COVID-19"},
+    )
+    models = load_models([pneumonia, covid], device="cpu", batch_size=4)
     from tests.dicom_io.conftest import make_dx, save
 
     study_uid = generate_uid()
@@ -172,8 +202,8 @@ def test_two_bundles_give_two_results_for_one_study(tmp_path: Path, pacs: PacsSt
     finally:
         app.stop()
     by_name = {r.model_name: r for r in results}
-    assert set(by_name) == {"radflag-pneumonia-cxr", "radflag-covid19-cxr"}
-    assert by_name["radflag-covid19-cxr"].finding_code == "840539006"
-    assert by_name["radflag-pneumonia-cxr"].finding_code == "233604007"
+    assert set(by_name) == {"test-pneumonia-cxr", "test-covid19-cxr"}
+    assert by_name["test-covid19-cxr"].finding_code == "840539006"
+    assert by_name["test-pneumonia-cxr"].finding_code == "233604007"
     for r in results:
         assert r.n_images == 2 and 0.0 <= r.probability <= 1.0

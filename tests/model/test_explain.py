@@ -13,6 +13,7 @@ from model.explain import Explanation, cam_to_source, grad_cam
 from model.infer import Classifier
 from model.pixels import PixelMeta
 from model.preprocess import (
+    CropBox,
     PreprocessSpec,
     letterbox_geometry,
     preprocess,
@@ -21,7 +22,10 @@ from model.preprocess import (
 )
 from tests.model.conftest import tiny_card
 
-BLOB_SPEC = PreprocessSpec(input_size=96, channels=1)
+# letterbox: a non-square source inside a square input, so the padding must be undone
+BLOB_SPEC = PreprocessSpec(
+    input_size=96, channels=1, geometry="letterbox", intensity="voi", crop_borders=False
+)
 BLOB_SHAPE = (120, 90)  # (H, W): not square, so the letterbox must be undone
 BLOB_SIGMA_PX = 7.0
 # resnet10t has output stride 32: a 3x3 last stage, one cell = 40 source pixels here
@@ -164,6 +168,24 @@ def test_explain_of_nothing_is_empty(tiny_bundle: Bundle) -> None:
     assert Classifier(tiny_bundle, torch.device("cpu")).explain([]) == []
 
 
+LETTERBOX_64 = PreprocessSpec(input_size=64, channels=1, geometry="letterbox")
+
+
+def test_cam_to_source_undoes_the_squash_and_the_border_crop() -> None:
+    # a 100 x 50 source whose rows 0..19 were cropped as a border: the whole 64 x 64
+    # input maps onto rows 20..99; a hot spot at the input centre lands at the centre of
+    # the kept part, and nothing lands on the cropped border.
+    spec = PreprocessSpec(input_size=64, channels=1)
+    cam = np.zeros((8, 8), dtype=np.float32)
+    cam[3:5, 3:5] = 1.0
+    heat = cam_to_source(cam, (100, 50), spec, CropBox(20, 100, 0, 50))
+    assert heat.shape == (100, 50)
+    assert float(heat[:20].max()) == 0.0
+    yy, xx = np.mgrid[0:100, 0:50]
+    centroid = (float((heat * yy).sum() / heat.sum()), float((heat * xx).sum() / heat.sum()))
+    np.testing.assert_allclose(centroid, (59.5, 24.5), atol=0.5)
+
+
 def test_cam_to_source_undoes_the_letterbox() -> None:
     # a source 100 high, 50 wide sits in columns 16..47 of a 64 input; a map that is hot
     # only in the left padding must not leak into the source image, one hot in the
@@ -172,7 +194,7 @@ def test_cam_to_source_undoes_the_letterbox() -> None:
     assert (box.resized_h, box.resized_w, box.pad_top, box.pad_left) == (64, 32, 0, 16)
     cam = np.zeros((8, 8), dtype=np.float32)
     cam[3:5, 3:5] = 1.0
-    heat = cam_to_source(cam, (100, 50), 64)
+    heat = cam_to_source(cam, (100, 50), LETTERBOX_64)
     assert heat.shape == (100, 50)
     yy, xx = np.mgrid[0:100, 0:50]
     centroid = (float((heat * yy).sum() / heat.sum()), float((heat * xx).sum() / heat.sum()))
@@ -180,13 +202,15 @@ def test_cam_to_source_undoes_the_letterbox() -> None:
     assert float(heat.max()) == 1.0
     padding_only = np.zeros((8, 8), dtype=np.float32)
     padding_only[:, 0] = 1.0
-    assert float(cam_to_source(padding_only, (100, 50), 64).max()) == 0.0
-    assert float(cam_to_source(np.zeros((8, 8), np.float32), (10, 10), 64).max()) == 0.0
+    assert float(cam_to_source(padding_only, (100, 50), LETTERBOX_64).max()) == 0.0
+    assert float(cam_to_source(np.zeros((8, 8), np.float32), (10, 10), LETTERBOX_64).max()) == 0.0
 
 
 @pytest.mark.parametrize("shape", [(100, 50), (50, 100), (33, 71), (64, 64), (7, 300)])
 def test_letterbox_geometry_matches_preprocess(shape: tuple[int, int]) -> None:
-    spec = PreprocessSpec(input_size=64, channels=1, mean=-1.0, std=1.0)
+    spec = PreprocessSpec(
+        input_size=64, channels=1, mean=-1.0, std=1.0, geometry="letterbox", intensity="voi"
+    )
     # constant white image: after normalisation the image is 2 and the padding 1
     pixels = np.full(shape, 100, dtype=np.uint16)
     out = preprocess(pixels, PixelMeta(window_center=50.0, window_width=20.0), spec)[0]

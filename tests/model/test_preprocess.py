@@ -17,7 +17,10 @@ from model.preprocess import (
 )
 from tests.conftest import shared_path
 
-SPEC = PreprocessSpec(input_size=64, channels=1)
+# the VOI-window and letterbox behaviour of legacy bundles (intensity="voi")
+SPEC = PreprocessSpec(
+    input_size=64, channels=1, geometry="letterbox", intensity="voi", crop_borders=False
+)
 
 
 def _synthetic_16bit(seed: int = 0) -> np.ndarray:
