@@ -31,7 +31,6 @@ from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -194,7 +193,7 @@ class Sender:
         loaded: list[tuple[DueDelivery, Dataset]] = []
         for due in list(todo):
             try:
-                loaded.append((due, dcmread(Path(due.payload_path))))
+                loaded.append((due, dcmread(self._results.resolve(due.payload_path))))
             except FileNotFoundError as exc:
                 self._record(todo, due, utcnow(), f"result file missing: {exc.filename}", False)
         if not loaded or self._stopping.is_set():
@@ -264,7 +263,7 @@ class Sender:
         canonical = self._results.path_for(
             due.study_instance_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
         )
-        if canonical == Path(due.payload_path) or not canonical.exists():
+        if canonical == self._results.resolve(due.payload_path) or not canonical.exists():
             return None
         return dcmread(canonical)
 
@@ -383,4 +382,4 @@ def _comprehensive_fallback(
         "destination refuses Comprehensive 3D SR; sending Comprehensive SR instead",
         extra={"destination": due.destination, "sop_instance_uid": sop_uid},
     )
-    return sop_uid, str(target)
+    return sop_uid, results.relative(target)

@@ -688,7 +688,7 @@ class StudyProcessor:
                         port=dest.port,
                         kind=kind,
                         sop_instance_uid=sop_uid,
-                        payload_path=str(path),
+                        payload_path=self._results.relative(path),
                     )
                 )
         return tuple(records)
@@ -760,7 +760,10 @@ class StudyProcessor:
             if dest.supersede != "iocm_reject" or not sent:
                 continue
             try:
-                rejected = [read_dataset(Path(o.payload_path), with_pixels=False) for o in sent]
+                rejected = [
+                    read_dataset(self._results.resolve(o.payload_path), with_pixels=False)
+                    for o in sent
+                ]
                 kos = build_rejection_note(
                     rejected, model_identity(algorithm), algorithm.manufacturer
                 )
@@ -779,7 +782,7 @@ class StudyProcessor:
                     port=sent[0].port,
                     kind="KOS",
                     sop_instance_uid=str(kos.SOPInstanceUID),
-                    payload_path=str(path),
+                    payload_path=self._results.relative(path),
                 )
             )
         return tuple(records)

@@ -223,7 +223,9 @@ def _payloads(session: Session, study: Study, results_root: Path) -> dict[str, l
                 / f"{r.sr_sop_instance_uid}.dcm"
             )
             found.setdefault("SR", []).append(
-                _Payload(r.sr_sop_instance_uid, str(path), r.id, None)
+                _Payload(
+                    r.sr_sop_instance_uid, path.relative_to(results_root).as_posix(), r.id, None
+                )
             )
     return found
 
