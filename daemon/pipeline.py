@@ -29,9 +29,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -94,6 +95,7 @@ from model.pixels import PixelMeta
 from model.preprocess import to_display
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class PermanentProcessingError(Exception):
@@ -146,33 +148,27 @@ def own_identity(models: list[LoadedModel]) -> OwnIdentity:
     )
 
 
-def _read_header(inst: ClaimedInstance) -> ImageHeader:
-    """Read one instance's header; a parse failure or a vanished file is permanent."""
+def _read_spooled(inst: ClaimedInstance, what: str, read: Callable[[Path], _T]) -> _T:
+    """Read a spooled instance; a parse failure or a vanished file is permanent."""
     try:
-        return read_header(Path(inst.path))
+        return read(Path(inst.path))
     except DecodeError as exc:
-        raise UnreadableInstance(inst, exc.reason, "header") from exc
+        raise UnreadableInstance(inst, exc.reason, what) from exc
     except FileNotFoundError as exc:
         raise UnreadableInstance(inst, "the spooled file is missing", "file") from exc
+
+
+def _read_header(inst: ClaimedInstance) -> ImageHeader:
+    return _read_spooled(inst, "header", read_header)
 
 
 def _decode(inst: ClaimedInstance) -> DecodedImage:
     """Decode one selected image; decoder failures are permanent, other I/O is transient."""
-    try:
-        return read_image(Path(inst.path))
-    except DecodeError as exc:
-        raise UnreadableInstance(inst, exc.reason, "pixel data") from exc
-    except FileNotFoundError as exc:
-        raise UnreadableInstance(inst, "the spooled file is missing", "file") from exc
+    return _read_spooled(inst, "pixel data", read_image)
 
 
 def _read_source(inst: ClaimedInstance) -> Dataset:
-    try:
-        return read_dataset(Path(inst.path), with_pixels=False)
-    except DecodeError as exc:
-        raise UnreadableInstance(inst, exc.reason, "header") from exc
-    except FileNotFoundError as exc:
-        raise UnreadableInstance(inst, "the spooled file is missing", "file") from exc
+    return _read_spooled(inst, "header", lambda path: read_dataset(path, with_pixels=False))
 
 
 class NotApplicableImages(Exception):
@@ -519,7 +515,13 @@ class StudyProcessor:
             with contextlib.suppress(NotApplicableImages):
                 records.append(
                     self._classify(
-                        claim, loaded, chosen, decoded, (decode_ms, t_start), problems, repairs,
+                        claim,
+                        loaded,
+                        chosen,
+                        decoded,
+                        (decode_ms, t_start),
+                        problems,
+                        repairs,
                         rejected,
                     )
                 )

@@ -21,10 +21,11 @@ from pathlib import Path
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.audit import AuditEventType, audit
+from db.audit import AuditEventType
 from db.models import Delivery, Instance, Result, Study, utcnow
 from db.outbox import DeliveryState
 from db.queue import transition
+from db.results import OutputRecord, queue_delivery
 from db.states import TERMINAL_STATES, StudyEvent, StudyState
 
 
@@ -268,31 +269,23 @@ def _queue_for_target(
     n = 0
     for kind in target.kinds:
         for p in _choose(found.get(kind, []), target.name, results_root):
-            session.add(
-                Delivery(
-                    study_id=study.id,
-                    result_id=p.result_id or None,
-                    destination=target.name,
-                    ae_title=ae_title,
-                    host=host,
-                    port=target.port,
-                    kind=kind,
-                    sop_instance_uid=p.sop_instance_uid,
-                    payload_path=p.payload_path,
-                    state=DeliveryState.PENDING.value,
-                    attempts=0,
-                    next_attempt_at=now,
-                    created_at=now,
-                )
-            )
-            audit(
-                session,
-                AuditEventType.DELIVERY_QUEUED,
-                actor=actor,
-                study=study,
+            out = OutputRecord(
+                destination=target.name,
+                ae_title=ae_title,
+                host=host,
+                port=target.port,
+                kind=kind,
                 sop_instance_uid=p.sop_instance_uid,
-                at=now,
-                detail={"destination": target.name, "kind": kind, "resend": True},
+                payload_path=p.payload_path,
+            )
+            queue_delivery(
+                session,
+                study,
+                p.result_id or None,
+                out,
+                actor=actor,
+                now=now,
+                detail={"resend": True},
             )
             n += 1
     return n

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.audit import AuditEventType, audit
-from db.models import Delivery, Instance, Result, utcnow
+from db.models import Delivery, Instance, Result, Study, utcnow
 from db.outbox import DeliveryState
 from db.queue import ClaimedStudy, load_leased, release_lease, transition
 from db.states import StudyEvent
@@ -49,6 +50,45 @@ class OutputRecord:
     kind: str
     sop_instance_uid: str
     payload_path: str
+
+
+def queue_delivery(
+    session: Session,
+    study: Study,
+    result_id: int | None,
+    out: OutputRecord,
+    *,
+    actor: str,
+    now: datetime,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """Add one PENDING outbox entry, due now, and its DELIVERY_QUEUED audit row."""
+    session.add(
+        Delivery(
+            study_id=study.id,
+            result_id=result_id,
+            destination=out.destination,
+            ae_title=out.ae_title,
+            host=out.host,
+            port=out.port,
+            kind=out.kind,
+            sop_instance_uid=out.sop_instance_uid,
+            payload_path=out.payload_path,
+            state=DeliveryState.PENDING.value,
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+        )
+    )
+    audit(
+        session,
+        AuditEventType.DELIVERY_QUEUED,
+        actor=actor,
+        study=study,
+        sop_instance_uid=out.sop_instance_uid,
+        at=now,
+        detail={"destination": out.destination, "kind": out.kind, **(detail or {})},
+    )
 
 
 def record_classification(
@@ -155,32 +195,7 @@ def record_classification(
                         detail={"destination": out.destination, "kind": out.kind},
                     )
                     continue
-                session.add(
-                    Delivery(
-                        study_id=study.id,
-                        result_id=row.id,
-                        destination=out.destination,
-                        ae_title=out.ae_title,
-                        host=out.host,
-                        port=out.port,
-                        kind=out.kind,
-                        sop_instance_uid=out.sop_instance_uid,
-                        payload_path=out.payload_path,
-                        state=DeliveryState.PENDING.value,
-                        attempts=0,
-                        next_attempt_at=now,
-                        created_at=now,
-                    )
-                )
-                audit(
-                    session,
-                    AuditEventType.DELIVERY_QUEUED,
-                    actor=actor,
-                    study=study,
-                    sop_instance_uid=out.sop_instance_uid,
-                    at=now,
-                    detail={"destination": out.destination, "kind": out.kind},
-                )
+                queue_delivery(session, study, row.id, out, actor=actor, now=now)
                 n_outputs += 1
         study.max_probability = max_probability
         study.urgent = (
