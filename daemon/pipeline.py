@@ -572,7 +572,16 @@ class StudyProcessor:
         t0 = time.perf_counter()
         items = [_model_input(s, decoded) for s in chosen]
         predictions = loaded.classifier.classify(items)
-        chosen, predictions = keep_applicable(chosen, predictions, rejected)
+        if self._settings.models.applicability_gate:
+            chosen, predictions = keep_applicable(chosen, predictions, rejected)
+        else:
+            problems.update(
+                {
+                    f"{card.name}:gate:{s.header.sop_instance_uid}": p.not_applicable
+                    for s, p in zip(chosen, predictions, strict=True)
+                    if p.not_applicable is not None
+                }
+            )
         infer_ms = (time.perf_counter() - t0) * 1000
         per_image = {
             s.header.sop_instance_uid: float(p.probability)

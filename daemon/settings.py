@@ -357,6 +357,10 @@ class ModelSettings(_Section):
     """Model bundles to load; an empty list loads the bundled default pneumonia model."""
 
     bundles: list[Path] = Field(default_factory=list)
+    applicability_gate: bool = True
+    """Refuse images the bundle's applicability gate finds unlike its training images
+    (NOT_APPLICABLE with the reason). Off: every selected image is classified and the gate's
+    verdict is only recorded in the audit detail."""
 
 
 class PrivacySettings(_Section):

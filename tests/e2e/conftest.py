@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,6 +55,7 @@ def write_config(
     port: int,
     destinations: list[tuple[str, str, int]],
     delivery: dict[str, float] | None = None,
+    applicability_gate: bool = True,
 ) -> Path:
     """A radflag TOML config for tests: fast timers, SQLite under ``data_dir``.
 
@@ -80,6 +82,8 @@ def write_config(
         "backoff_base_s = 1.0",
         "check_interval_s = 0.5",
         *(f"{key} = {value}" for key, value in (delivery or {}).items()),
+        "[models]",
+        f"applicability_gate = {str(applicability_gate).lower()}",
     ]
     for name, aet, dport in destinations:
         lines += [
@@ -98,6 +102,7 @@ def launch_serve(
     tmp_path: Path,
     destinations: list[tuple[str, str, int]],
     delivery: dict[str, float] | None = None,
+    applicability_gate: bool = True,
 ) -> ServeProcess:
     """Start ``radflag serve`` inside ``ns``; return once it answers C-ECHO (caller stops it).
 
@@ -107,7 +112,9 @@ def launch_serve(
         pytest.skip(f"{RADFLAG} not installed (pip install -e .)")
     data_dir = tmp_path / "radflag-data"
     port = ns.free_port()
-    cfg = write_config(tmp_path / "radflag.toml", data_dir, port, destinations, delivery)
+    cfg = write_config(
+        tmp_path / "radflag.toml", data_dir, port, destinations, delivery, applicability_gate
+    )
     log_path = tmp_path / f"radflag-{port}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADFLAG_")}
     with log_path.open("wb") as log:
@@ -134,8 +141,10 @@ def start_serve(tmp_path: Path) -> Iterator[object]:
     """Start ``radflag serve`` in a namespace (see :func:`launch_serve`); stopped at teardown."""
     running: list[ServeProcess] = []
 
-    def _start(ns: NetNamespace, destinations: list[tuple[str, str, int]]) -> ServeProcess:
-        serve = launch_serve(ns, tmp_path, destinations)
+    def _start(
+        ns: NetNamespace, destinations: list[tuple[str, str, int]], **options: Any
+    ) -> ServeProcess:
+        serve = launch_serve(ns, tmp_path, destinations, **options)
         running.append(serve)
         return serve
 
