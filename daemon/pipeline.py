@@ -488,11 +488,7 @@ class StudyProcessor:
             if chosen:
                 plan.append((loaded, chosen))
         if not plan:
-            log.info(
-                "study not applicable to any model",
-                extra={"study_instance_uid": claim.study_instance_uid},
-            )
-            finish_not_applicable(self._sessions, claim, reasons)
+            self._not_applicable(claim, reasons, "no model applies to any image")
             return
 
         decoded: dict[str, DecodedImage] = {}
@@ -526,13 +522,11 @@ class StudyProcessor:
                     )
                 )
             if rejected:
-                reasons[loaded.bundle.card.name]["not_applicable"] = rejected
+                gate = self._settings.models.applicability_gate
+                key = "not_applicable" if gate else "applicability_gate_ignored"
+                reasons[loaded.bundle.card.name][key] = rejected
         if not records:
-            log.info(
-                "study not applicable: the applicability gate refused every image",
-                extra={"study_instance_uid": claim.study_instance_uid},
-            )
-            finish_not_applicable(self._sessions, claim, reasons)
+            self._not_applicable(claim, reasons, "the applicability gate refused every image")
             return
         if problems:
             reasons["output_problems"] = problems
@@ -574,13 +568,11 @@ class StudyProcessor:
         predictions = loaded.classifier.classify(items)
         if self._settings.models.applicability_gate:
             chosen, predictions = keep_applicable(chosen, predictions, rejected)
-        else:
-            problems.update(
-                {
-                    f"{card.name}:gate:{s.header.sop_instance_uid}": p.not_applicable
-                    for s, p in zip(chosen, predictions, strict=True)
-                    if p.not_applicable is not None
-                }
+        else:  # classified all the same; the gate's verdict is only audited
+            rejected.update(
+                (s.header.sop_instance_uid, p.not_applicable)
+                for s, p in zip(chosen, predictions, strict=True)
+                if p.not_applicable is not None
             )
         infer_ms = (time.perf_counter() - t0) * 1000
         per_image = {
@@ -797,6 +789,14 @@ class StudyProcessor:
                 )
             )
         return tuple(records)
+
+    def _not_applicable(self, claim: ClaimedStudy, reasons: dict[str, Any], why: str) -> None:
+        log.info(
+            "study not applicable: %s",
+            why,
+            extra={"study_instance_uid": claim.study_instance_uid},
+        )
+        finish_not_applicable(self._sessions, claim, reasons)
 
     def _fail_unreadable(self, claim: ClaimedStudy, exc: UnreadableInstance) -> None:
         """Quarantine the instance's file (when it still exists) and fail the study once."""

@@ -256,22 +256,7 @@ def due_deliveries(
             .order_by(Delivery.next_attempt_at, Delivery.id)
             .limit(limit)
         ).all()
-        return [
-            DueDelivery(
-                delivery_id=d.id,
-                study_id=d.study_id,
-                study_instance_uid=uid,
-                destination=d.destination,
-                ae_title=d.ae_title,
-                host=d.host,
-                port=d.port,
-                kind=d.kind,
-                sop_instance_uid=d.sop_instance_uid,
-                payload_path=d.payload_path,
-                attempts=d.attempts,
-            )
-            for d, uid in rows
-        ]
+        return [_due(d, uid) for d, uid in rows]
 
 
 def record_attempt(
