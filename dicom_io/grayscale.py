@@ -228,6 +228,10 @@ def _presentation(unit: npt.NDArray[np.float64], view: Dataset) -> npt.NDArray[n
 def presentation_values(ds: Dataset, stored: npt.NDArray[Any]) -> PresentationImage:
     """Run the grayscale pipeline on decoded ``stored`` values of ``ds``.
 
+    Every step (PS3.4 N.2) is a function of the stored value alone, so an integer image is
+    run through its distinct values once (:class:`_Levels`) and then indexed: exact, and a
+    2048² radiograph costs one table of a few thousand entries instead of per-pixel floats.
+
     Parameters
     ----------
     ds
@@ -249,22 +253,71 @@ def presentation_values(ds: Dataset, stored: npt.NDArray[Any]) -> PresentationIm
         photometric if photometric in ("MONOCHROME1", "MONOCHROME2") else "MONOCHROME2"
     )
     padding = _padding_mask(ds, stored)
-    values = _modality(stored, view, notes)
+    levels = _Levels.of(stored)
+    values = _modality(levels.ramp, view, notes)
     unit = _voi(values, view, notes)
     inverted = (
         view.PhotometricInterpretation == "MONOCHROME1"
         or str(view.get("PresentationLUTShape", "") or "").strip().upper() == "INVERSE"
     )
     if unit is None:
-        return _without_voi(values, padding, inverted, notes)
-    p_values = _presentation(unit, view)
+        return _without_voi(levels.expand(_integral(values)), padding, inverted, notes)
+    p_table = np.rint(_presentation(unit, view) * P_VALUE_MAX).astype(np.uint16)
+    out = levels.expand(p_table)
     if padding is not None:
-        p_values[padding] = 0.0
-    out = np.rint(p_values * P_VALUE_MAX).astype(np.uint16)
-    before_voi = _without_voi(values, padding, inverted, [])
+        out[padding] = 0
+    before_voi = _without_voi(levels.expand(_integral(values)), padding, inverted, [])
     return PresentationImage(
         out, "MONOCHROME2", voi_applied=True, notes=tuple(notes), unwindowed=before_voi
     )
+
+
+_LEVELS_MAX = 1 << 17
+"""Largest stored-value range run through a table (:class:`_Levels`); wider goes per pixel."""
+
+
+@dataclass(frozen=True)
+class _Levels:
+    """An integer image as (table index per pixel, the ramp of stored values it indexes).
+
+    For a float image, or an integer range wider than :data:`_LEVELS_MAX`, ``ramp`` is the
+    image itself and ``index`` is None (the pipeline runs per pixel).
+    """
+
+    ramp: npt.NDArray[Any]
+    index: npt.NDArray[Any] | None = None
+
+    @classmethod
+    def of(cls, stored: npt.NDArray[Any]) -> _Levels:
+        if not np.issubdtype(stored.dtype, np.integer) or stored.size == 0:
+            return cls(stored)
+        lo, hi = int(stored.min()), int(stored.max())
+        if hi - lo + 1 > _LEVELS_MAX:
+            return cls(stored)
+        index = (stored.astype(np.int64) - lo).astype(np.int32) if lo else stored
+        return cls(np.arange(lo, hi + 1).astype(stored.dtype), index)
+
+    def expand(self, table: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """Return ``table`` (computed on :attr:`ramp`) as a full image."""
+        return table if self.index is None else table[self.index]
+
+
+def _integral(values: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """Return float modality values that are all whole numbers as int32, else unchanged.
+
+    An integer image goes through the model's exact histogram path
+    (:func:`model.preprocess.unit_intensity`) instead of sorting floats.
+    """
+    if (
+        np.issubdtype(values.dtype, np.floating)
+        and values.size
+        and np.all(np.isfinite(values))
+        and np.array_equal(values, np.rint(values))
+        and values.min() > -(1 << 31)
+        and values.max() < 1 << 31
+    ):
+        return values.astype(np.int32)
+    return values
 
 
 def _without_voi(

@@ -277,6 +277,8 @@ def _unit_lookup(
         return None
     if np.issubdtype(arr.dtype, np.unsignedinteger) and hi_stored < 1 << 16:
         index = arr if lo_stored == 0 else arr - arr.dtype.type(lo_stored)
+    elif arr.dtype.itemsize <= 4 and np.issubdtype(arr.dtype, np.signedinteger):
+        index = np.subtract(arr, lo_stored, dtype=np.int32)  # the range fits (checked above)
     else:
         index = (arr.astype(np.int64) - lo_stored).astype(np.int32)
     stored = np.arange(lo_stored, hi_stored + 1, dtype=np.float64)

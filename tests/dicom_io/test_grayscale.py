@@ -11,8 +11,10 @@ import pytest
 from pydicom.dataset import Dataset
 
 from daemon.pipeline import model_pixels, to_pixel_meta
+from dicom_io import grayscale
 from dicom_io.grayscale import P_VALUE_MAX, presentation_values
 from dicom_io.reader import read_image
+from model.pixels import PixelMeta
 from model.preprocess import PreprocessSpec, preprocess
 from tests.conftest import shared_path
 from tests.corpus import generate as corpus
@@ -119,3 +121,38 @@ def test_model_input_is_the_same_for_m1_and_m2_files(
         image = read_image(path)
         inputs.append(preprocess(model_pixels(image), to_pixel_meta(image), SPEC))
     np.testing.assert_allclose(inputs[0], inputs[1], atol=0.02)
+
+
+def _per_pixel(ds: Dataset, monkeypatch: pytest.MonkeyPatch) -> object:
+    with monkeypatch.context() as patch:
+        patch.setattr(grayscale, "_LEVELS_MAX", 0)  # every image goes pixel by pixel
+        return presentation_values(ds, ds.pixel_array)
+
+
+@pytest.mark.parametrize("name", sorted(corpus.GRAYSCALE))
+def test_lookup_table_path_equals_the_per_pixel_pipeline(
+    bases: dict[str, Dataset], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The distinct-value table (fast path) gives the per-pixel result bit for bit."""
+    base, mutation = corpus.GRAYSCALE[name]
+    ds = _mutated(bases[base], mutation)
+    fast = presentation_values(ds, ds.pixel_array)
+    slow = _per_pixel(ds, monkeypatch)
+    assert isinstance(slow, grayscale.PresentationImage)
+    assert (fast.photometric, fast.voi_applied, fast.notes) == (
+        slow.photometric,
+        slow.voi_applied,
+        slow.notes,
+    )
+    np.testing.assert_array_equal(fast.values, slow.values)
+    before = (fast.unwindowed or fast, slow.unwindowed or slow)
+    np.testing.assert_array_equal(before[0].values, before[1].values)
+    meta = (to_pixel_meta_of(before[0]), to_pixel_meta_of(before[1]))
+    np.testing.assert_array_equal(
+        preprocess(before[0].values, meta[0], SPEC), preprocess(before[1].values, meta[1], SPEC)
+    )
+
+
+def to_pixel_meta_of(image: grayscale.PresentationImage) -> PixelMeta:
+    """The model's view of unwindowed values: their polarity, the image's own range."""
+    return PixelMeta(photometric=image.photometric)
