@@ -38,14 +38,23 @@ def _check_display(display: npt.NDArray[Any]) -> None:
         raise ValueError("display must not be empty")
 
 
+_JET_CENTRES = (3.0, 2.0, 1.0)
+"""Where the red, green and blue ramps of "jet" peak, in units of ``4 * value``."""
+
+
 def jet(values: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
     """Map values in [0, 1] to RGB in [0, 1] with the classic "jet" colour scale."""
-    v = np.clip(values.astype(np.float32), 0.0, 1.0)[..., None]
-    centres = np.array([3.0, 2.0, 1.0], dtype=np.float32)  # r, g, b
-    rgb: npt.NDArray[np.float32] = np.clip(1.5 - np.abs(4.0 * v - centres), 0.0, 1.0).astype(
-        np.float32
-    )
-    return rgb
+    v = np.clip(values.astype(np.float32), 0.0, 1.0)
+    return np.stack([_jet_channel(v, c) for c in _JET_CENTRES], axis=-1)
+
+
+def _jet_channel(v: npt.NDArray[np.float32], centre: float) -> npt.NDArray[np.float32]:
+    """One colour ramp of :func:`jet` on values already clipped to [0, 1] (float32)."""
+    ramp = np.float32(4.0) * v
+    ramp -= np.float32(centre)
+    np.abs(ramp, out=ramp)
+    np.subtract(np.float32(1.5), ramp, out=ramp)
+    return np.clip(ramp, 0.0, 1.0, out=ramp)
 
 
 def blend_heatmap(
@@ -75,7 +84,6 @@ def blend_heatmap(
         If the arrays have the wrong type or do not share one grid.
     """
     _check_display(display)
-    grey = np.repeat(display.astype(np.float32)[..., None] / 255.0, 3, axis=2)
     if heatmap is None:
         return display[..., None].repeat(3, axis=2).copy()
     if heatmap.shape != display.shape:
@@ -86,9 +94,15 @@ def blend_heatmap(
         raise ValueError("floor must be in [0, 1) and alpha_max in [0, 1]")
     heat = np.nan_to_num(heatmap.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
     heat = np.clip(heat, 0.0, 1.0)
-    alpha = (np.clip((heat - floor) / (1.0 - floor), 0.0, 1.0) * alpha_max)[..., None]
-    rgb = grey * (1.0 - alpha) + jet(heat) * alpha
-    out: UInt8Image = np.round(rgb * 255.0).astype(np.uint8)
+    alpha = np.clip((heat - floor) / (1.0 - floor), 0.0, 1.0) * alpha_max
+    shown = display.astype(np.float32) / 255.0 * (1.0 - alpha)  # the image's share
+    out: UInt8Image = np.empty((*display.shape, 3), dtype=np.uint8)
+    for k, centre in enumerate(_JET_CENTRES):  # one channel at a time: no (H, W, 3) floats
+        colour = _jet_channel(heat, centre)
+        colour *= alpha
+        colour += shown
+        colour *= 255.0
+        out[..., k] = np.round(colour)
     return out
 
 

@@ -125,6 +125,22 @@ def test_heatmap_colours_hot_region_only() -> None:
         blend_heatmap(display.astype(np.float32), heat)  # type: ignore[arg-type]
 
 
+def test_blend_equals_the_alpha_formula_with_jet_colours() -> None:
+    """The channel-by-channel blend gives round(255 * (g (1 - a) + jet(h) a)) exactly."""
+    rng = np.random.default_rng(7)
+    display = rng.integers(0, 256, (120, 90), dtype=np.uint8)
+    heat = (rng.random((120, 90)) * 1.4 - 0.2).astype(np.float32)
+    heat[0, 0] = np.nan
+    h = np.clip(np.nan_to_num(heat, nan=0.0), 0.0, 1.0)
+    alpha = (np.clip((h - 0.2) / 0.8, 0.0, 1.0) * 0.55)[..., None]
+    jet = np.clip(1.5 - np.abs(4.0 * h[..., None] - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
+    grey = display.astype(np.float64)[..., None] / 255.0
+    expected = np.round((grey * (1.0 - alpha) + jet * alpha) * 255.0)
+    got = blend_heatmap(display, heat).astype(np.float64)
+    assert np.abs(got - expected).max() <= 1.0  # float32 arithmetic: at most one grey level
+    assert np.mean(got != expected) < 0.01
+
+
 def test_banner_is_burned_in_above_the_image() -> None:
     source = make_dx(rows=64, columns=64)
     display = np.zeros((64, 64), dtype=np.uint8)
