@@ -17,6 +17,7 @@ from sqlalchemy.orm import sessionmaker
 import daemon.stages.reading
 from daemon.models import LoadedModel
 from daemon.pipeline import StudyProcessor
+from daemon.stages.finish import Finisher
 from daemon.stages.inputs import model_input
 from daemon.stages.plan import own_identity, plan_study
 from daemon.stages.prepare import Preparer, prepare_image
@@ -198,3 +199,41 @@ def test_verdict_applies_or_only_audits_the_gate(
     refused = [ImagePrediction(0.9, True, "no") for _ in preds]
     none, all_rejected = judge(plan.models[0], refused, True, 1.0)
     assert none is None and set(all_rejected) == set(uids)
+
+
+@pytest.mark.parametrize(
+    ("outputs", "heatmaps", "expected"),
+    [
+        (["SR", "SC"], "all", (True, True)),
+        (["SR", "SC"], "positive", (False, True)),
+        (["SR"], "all", (False, False)),
+    ],
+)
+def test_heatmap_pictures_for_all_or_only_positive_studies(
+    tmp_path: Path,
+    tiny_models: list[LoadedModel],
+    outputs: list[str],
+    heatmaps: str,
+    expected: tuple[bool, bool],
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        1,
+        worker={"heatmaps": heatmaps},
+        destinations=[
+            {"name": "p", "ae_title": "P", "host": "127.0.0.1", "port": 1, "outputs": outputs}
+        ],
+    )
+    finisher = Finisher(settings, sessionmaker(), Spool(tmp_path / "r"), {})
+    assert (finisher.wants_picture(False), finisher.wants_picture(True)) == expected
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_worker_device_accepts_cuda_n(tmp_path: Path, device: str) -> None:
+    assert make_settings(tmp_path, None, worker={"device": device}).worker.device == device
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "CPU0"])
+def test_worker_device_rejects_unknown_devices(tmp_path: Path, device: str) -> None:
+    with pytest.raises(ValueError, match="device"):
+        make_settings(tmp_path, None, worker={"device": device})
