@@ -145,7 +145,11 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         while len(batch) < self.config.max_batch:
             remaining = deadline - time.monotonic()
             try:
-                nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                nxt = (
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
             except queue.Empty:
                 break
             if nxt is None:

@@ -154,7 +154,7 @@ class StagingBuffer:
         if self.device.type != "cuda":
             return batch.to(self.device)
         on_device = batch.to(self.device, non_blocking=self.pinned)
-        self._copied = torch.cuda.Event()
+        self._copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
         self._copied.record()
         return on_device
 
@@ -306,9 +306,7 @@ class Classifier:
         tensors = [preprocess(pixels, meta, self.spec) for pixels, meta in items]
         raw = self.heatmaps_prepared(tensors)
         return [
-            Explanation(
-                probability=prob, heatmap=self.heatmap_on_source(cam, shapes[i], boxes[i])
-            )
+            Explanation(probability=prob, heatmap=self.heatmap_on_source(cam, shapes[i], boxes[i]))
             for i, (prob, cam) in enumerate(raw)
         ]
 

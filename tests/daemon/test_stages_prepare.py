@@ -216,14 +216,9 @@ def test_heatmap_pictures_for_all_or_only_positive_studies(
     heatmaps: str,
     expected: tuple[bool, bool],
 ) -> None:
-    settings = make_settings(
-        tmp_path,
-        1,
-        worker={"heatmaps": heatmaps},
-        destinations=[
-            {"name": "p", "ae_title": "P", "host": "127.0.0.1", "port": 1, "outputs": outputs}
-        ],
-    )
+    settings = make_settings(tmp_path, 1, worker={"heatmaps": heatmaps})
+    dest = settings.destinations[0].model_copy(update={"outputs": outputs})
+    settings = settings.model_copy(update={"destinations": [dest]})
     finisher = Finisher(settings, sessionmaker(), Spool(tmp_path / "r"), {})
     assert (finisher.wants_picture(False), finisher.wants_picture(True)) == expected
 
