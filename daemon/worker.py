@@ -68,6 +68,8 @@ class LeaseKeeper:
         while not self._stop.wait(self._interval_s):
             try:
                 if not renew_lease(self._sessions, self._claim, self._lease_s):
+                    if self._stop.is_set():
+                        return  # the study was just recorded: its lease ended with it
                     self.lost = True
                     log.warning(
                         "lease lost while processing",
