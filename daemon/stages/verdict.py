@@ -26,7 +26,8 @@ class ModelVerdict:
     probability, positive
         The card's study-level aggregation and its threshold decision.
     infer_ms
-        Time from the first input submitted to the last prediction back.
+        Wait for the predictions once the last input was queued (the preparation of the
+        images, overlapped with inference, is timed as ``decode``).
     """
 
     loaded: LoadedModel
