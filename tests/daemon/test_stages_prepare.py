@@ -32,12 +32,13 @@ from tests.daemon.conftest import make_settings
 from tests.dicom_io.conftest import make_dx, save
 
 
-def _study(tmp_path: Path, n: int, **dx: Any) -> ClaimedStudy:
+def _study(tmp_path: Path, n: int, first_seed: int = 0, **dx: Any) -> ClaimedStudy:
     """A claimed study of ``n`` small DX instances written to ``tmp_path``."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     study_uid = generate_uid()
     instances = []
     for i in range(n):
-        ds = make_dx(study_uid=study_uid, seed=i, **dx)
+        ds = make_dx(study_uid=study_uid, seed=first_seed + i, **dx)
         path = save(ds, tmp_path / f"{i:04d}.dcm")
         instances.append(
             ClaimedInstance(i, str(ds.SOPInstanceUID), str(ds.SOPClassUID), "DX", str(path))
@@ -101,18 +102,25 @@ def test_a_500_image_study_never_holds_more_decoded_images_than_configured(
         assert predictions[k].probability == pytest.approx(alone.probability, abs=1e-5)
 
 
+@pytest.mark.parametrize("outputs", [["SR", "SC"], ["SR"]])
 def test_one_image_study_keeps_its_decoded_image_only_when_a_picture_is_wanted(
-    tmp_path: Path, tiny_models: list[LoadedModel]
+    tmp_path: Path, tiny_models: list[LoadedModel], outputs: list[str]
 ) -> None:
     claim = _study(tmp_path, 1)
     processor = _processor(tmp_path, tiny_models)
+    dest = processor._settings.destinations[0].model_copy(update={"outputs": outputs})
+    settings = processor._settings.model_copy(update={"destinations": [dest]})
+    processor.close()
+    processor = StudyProcessor(
+        settings, sessionmaker(), Spool(tmp_path / "s"), Spool(tmp_path / "r"), tiny_models
+    )
     try:
         plan = plan_study(claim, tiny_models, processor._rules, own_identity(tiny_models))
         classified = processor.classify(plan)
     finally:
         processor.close()
-    # make_settings' destination wants SR + SC by default
-    assert list(classified.kept) == [claim.instances[0].sop_instance_uid]
+    wanted = [claim.instances[0].sop_instance_uid] if "SC" in outputs else []
+    assert list(classified.kept) == wanted
 
 
 def test_prepare_stream_keeps_order_and_raises_an_unreadable_image_at_its_turn(
@@ -232,3 +240,35 @@ def test_worker_device_accepts_cuda_n(tmp_path: Path, device: str) -> None:
 def test_worker_device_rejects_unknown_devices(tmp_path: Path, device: str) -> None:
     with pytest.raises(ValueError, match="device"):
         make_settings(tmp_path, None, worker={"device": device})
+
+
+def test_studies_in_flight_share_the_model_batches(
+    tmp_path: Path, tiny_models: list[LoadedModel]
+) -> None:
+    """Three one-image studies classified from three threads go through fewer batches."""
+    claims = [_study(tmp_path / f"s{k}", 1, first_seed=10 * k) for k in range(3)]
+    processor = _processor(tmp_path, tiny_models, batch_latency_ms=1000)
+    rules, own = processor._rules, own_identity(tiny_models)
+    results: dict[int, float] = {}
+
+    def one(k: int) -> None:
+        plan = plan_study(claims[k], tiny_models, rules, own)
+        (preds,) = processor.classify(plan).predictions.values()
+        results[k] = preds[0].probability
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        (runner,) = processor.runners.values()
+        assert runner.classify.items == 3 and runner.classify.batches < 3
+    finally:
+        processor.close()
+    clf = tiny_models[0].classifier
+    for k, claim in enumerate(claims):
+        pixels, meta = model_input(read_image(Path(claim.instances[0].path)))
+        alone = clf.classify_prepared([preprocess(pixels, meta, clf.spec)])[0].probability
+        assert results[k] == pytest.approx(alone, abs=1e-5)
+    assert len({round(p, 6) for p in results.values()}) == 3  # a mix-up would show
