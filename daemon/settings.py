@@ -196,9 +196,9 @@ class WorkerSettings(_Section):
     """Largest batch the model runs; batches mix images of several studies."""
     batch_latency_ms: float = Field(50.0, ge=0, le=5000)
     """Longest wait after a batch's first image for more before the batch runs anyway."""
-    studies_in_flight: int = Field(4, ge=1, le=64)
+    studies_in_flight: int = Field(2, ge=1, le=64)
     """Studies claimed and processed at the same time (each with its lease kept alive)."""
-    prepare_threads: int = Field(2, ge=1, le=64)
+    prepare_threads: int = Field(1, ge=1, le=64)
     """Threads decoding and preprocessing images; also the bound on decoded images held."""
     max_pending_images: int = Field(64, ge=1, le=4096)
     """Preprocessed images waiting for the model; studies wait beyond it (backpressure)."""
