@@ -134,7 +134,10 @@ class Radflag:
             models
             if models is not None
             else load_models(
-                settings.models.bundles, settings.worker.device, settings.worker.batch_size
+                settings.models.bundles,
+                settings.worker.device,
+                settings.worker.batch_size,
+                settings.worker.torch_threads,
             )
             if "worker" in self.roles
             else []

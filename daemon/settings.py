@@ -204,6 +204,8 @@ class WorkerSettings(_Section):
     """Preprocessed images waiting for the model; studies wait beyond it (backpressure)."""
     heatmaps: Literal["all", "positive"] = "all"
     """For which studies the heatmap picture (SC) is computed: all, or only positive ones."""
+    torch_threads: int = Field(0, ge=0, le=256)
+    """Intra-op threads of the model on CPU; 0 = PyTorch's default (one per core)."""
     lease_s: float = Field(30.0, gt=0)
     """A claimed study's lease, renewed every ``heartbeat_interval_s`` while it is processed;
     a process silent for one lease is dead and its work is taken over (database clock)."""
