@@ -134,7 +134,10 @@ class Radflag:
             models
             if models is not None
             else load_models(
-                settings.models.bundles, settings.worker.device, settings.worker.batch_size
+                settings.models.bundles,
+                settings.worker.device,
+                settings.worker.batch_size,
+                settings.worker.torch_threads,
             )
             if "worker" in self.roles
             else []
@@ -153,6 +156,7 @@ class Radflag:
             poll_interval_s=settings.worker.poll_interval_s,
             heartbeat_interval_s=settings.worker.heartbeat_interval_s,
             spool_root=self.spool.root,
+            studies_in_flight=settings.worker.studies_in_flight,
         )
         lst = settings.listener
         self.listener = Listener(
@@ -420,6 +424,7 @@ class Radflag:
             grace_s = max(30.0, self.settings.listener.shutdown_grace_s)
             if "worker" in self.roles and not self.worker.stop(timeout_s=grace_s):
                 log.warning("worker still busy at shutdown; its study goes back to the queue")
+            self.processor.close()
             if not self.sender.stop(timeout_s=self.settings.delivery.timeout_s + 5):
                 log.warning("a delivery still in flight at shutdown; its claim lapses")
         if self.http is not None:

@@ -28,8 +28,14 @@ class LoadedModel:
         return frozenset(m.upper() for m in self.bundle.card.modalities)
 
 
-def load_models(paths: list[Path], device: str, batch_size: int) -> list[LoadedModel]:
+def load_models(
+    paths: list[Path], device: str, batch_size: int, torch_threads: int = 0
+) -> list[LoadedModel]:
     """Load every bundle in ``paths`` (the shipped default when empty) onto ``device``.
+
+    ``torch_threads`` > 0 sets PyTorch's intra-op threads for the process (CPU inference):
+    on a host whose cores are busy with other work, fewer threads than cores avoid threads
+    waiting on each other at every operation.
 
     Raises
     ------
@@ -37,6 +43,8 @@ def load_models(paths: list[Path], device: str, batch_size: int) -> list[LoadedM
         When a bundle is missing, malformed, or its weights do not match the card's sha256.
     """
     chosen = select_device(device)
+    if torch_threads > 0:
+        torch.set_num_threads(torch_threads)
     loaded: list[LoadedModel] = []
     for path in paths or [default_bundle_path()]:
         bundle = load_bundle(path)

@@ -190,8 +190,22 @@ class CompletionSettings(_Section):
 class WorkerSettings(_Section):
     """The classification worker."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Annotated[str, StringConstraints(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")] = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
     batch_size: int = Field(16, ge=1, le=512)
+    """Largest batch the model runs; batches mix images of several studies."""
+    batch_latency_ms: float = Field(50.0, ge=0, le=5000)
+    """Longest wait after a batch's first image for more before the batch runs anyway."""
+    studies_in_flight: int = Field(2, ge=1, le=64)
+    """Studies claimed and processed at the same time (each with its lease kept alive)."""
+    prepare_threads: int = Field(1, ge=1, le=64)
+    """Threads decoding and preprocessing images; also the bound on decoded images held."""
+    max_pending_images: int = Field(64, ge=1, le=4096)
+    """Preprocessed images waiting for the model; studies wait beyond it (backpressure)."""
+    heatmaps: Literal["all", "positive"] = "all"
+    """For which studies the heatmap picture (SC) is computed: all, or only positive ones."""
+    torch_threads: int = Field(0, ge=0, le=256)
+    """Intra-op threads of the model on CPU; 0 = PyTorch's default (one per core)."""
     lease_s: float = Field(30.0, gt=0)
     """A claimed study's lease, renewed every ``heartbeat_interval_s`` while it is processed;
     a process silent for one lease is dead and its work is taken over (database clock)."""

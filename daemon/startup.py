@@ -182,8 +182,9 @@ def load_bundles(settings: Settings) -> list[LoadedModel]:
     from daemon.models import load_models
     from model.bundle import BundleError
     try:
+        worker = settings.worker
         return load_models(
-            settings.models.bundles, settings.worker.device, settings.worker.batch_size
+            settings.models.bundles, worker.device, worker.batch_size, worker.torch_threads
         )
     except (BundleError, OSError, RuntimeError) as exc:
         raise StartupError("models.bundles", _first_line(exc)) from None

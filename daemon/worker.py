@@ -1,4 +1,8 @@
-"""The warm worker thread: claims READY studies and processes them one at a time.
+"""The warm worker: claims READY studies and processes up to ``studies_in_flight`` at once.
+
+A claim thread takes a study only when a slot is free (claims are bounded, so a burst of
+studies waits in the queue, not in memory) and hands it to one of ``studies_in_flight``
+study threads; they share the processor's prepare pool and micro-batchers.
 
 While a study is processed a heartbeat thread (:class:`LeaseKeeper`) renews its lease every
 ``heartbeat_interval_s`` by the database clock, so a slow study is never taken over by another
@@ -12,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Protocol
 
@@ -63,6 +68,8 @@ class LeaseKeeper:
         while not self._stop.wait(self._interval_s):
             try:
                 if not renew_lease(self._sessions, self._claim, self._lease_s):
+                    if self._stop.is_set():
+                        return  # the study was just recorded: its lease ended with it
                     self.lost = True
                     log.warning(
                         "lease lost while processing",
@@ -100,6 +107,8 @@ class Worker:
         Lease renewal period while a study is processed (default: a sixth of the lease).
     spool_root
         Root that instance paths are stored relative to; the processor gets full paths.
+    studies_in_flight
+        Studies processed at the same time (the processor must be thread-safe beyond 1).
     """
 
     def __init__(
@@ -112,6 +121,7 @@ class Worker:
         poll_interval_s: float,
         heartbeat_interval_s: float | None = None,
         spool_root: Path | None = None,
+        studies_in_flight: int = 1,
     ) -> None:
         self.worker_id = worker_id
         self._sessions = sessions
@@ -123,6 +133,10 @@ class Worker:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="radflag-worker", daemon=True)
+        self._slots = threading.BoundedSemaphore(studies_in_flight)
+        self._pool = ThreadPoolExecutor(studies_in_flight, thread_name_prefix="radflag-study")
+        self._in_flight: set[Future[None]] = set()
+        self._lock = threading.Lock()
         self.processed = 0
 
     def start(self) -> None:
@@ -134,17 +148,28 @@ class Worker:
         self._wake.set()
 
     def stop(self, timeout_s: float) -> bool:
-        """Ask the worker to stop after its current study; return True if it stopped in time."""
+        """Stop claiming, let the studies in flight finish; return True if done in time."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=timeout_s)
-        return not self._thread.is_alive()
+        with self._lock:
+            running = set(self._in_flight)
+        _, late = wait(running, timeout=timeout_s)
+        self._pool.shutdown(wait=False)
+        return not self._thread.is_alive() and not late
 
     def run_once(self) -> bool:
-        """Claim and process one study; return False when the queue was empty."""
-        claim = claim_next(self._sessions, self.worker_id, self._lease_s)
+        """Claim and process one study in this thread; return False when the queue was empty."""
+        claim = self._claim()
         if claim is None:
             return False
+        self._handle(claim)
+        return True
+
+    def _claim(self) -> ClaimedStudy | None:
+        claim = claim_next(self._sessions, self.worker_id, self._lease_s)
+        if claim is None:
+            return None
         claim = resolve_paths(claim, self._root)
         log.info(
             "study claimed",
@@ -154,17 +179,53 @@ class Worker:
                 "attempt": claim.attempt,
             },
         )
+        return claim
+
+    def _handle(self, claim: ClaimedStudy) -> None:
+        """Process one claimed study with its lease kept alive."""
         with LeaseKeeper(self._sessions, claim, lease_s=self._lease_s, interval_s=self._beat_s):
             self._processor.process(claim)
-        self.processed += 1
+        with self._lock:
+            self.processed += 1
+
+    def _dispatch(self) -> bool:
+        """Wait for a free slot, claim a study and start it; return False when none was ready."""
+        while not self._slots.acquire(timeout=0.2):
+            if self._stop.is_set():
+                return False
+        try:
+            claim = self._claim()
+        except BaseException:
+            self._slots.release()
+            raise
+        if claim is None:
+            self._slots.release()
+            return False
+        future = self._pool.submit(self._run_study, claim)
+        with self._lock:
+            self._in_flight.add(future)
+        future.add_done_callback(self._done)
         return True
+
+    def _run_study(self, claim: ClaimedStudy) -> None:
+        set_thread_role("worker")
+        try:
+            self._handle(claim)
+        except Exception:
+            log.exception("unexpected error while processing a study")
+        finally:
+            self._slots.release()
+
+    def _done(self, future: Future[None]) -> None:
+        with self._lock:
+            self._in_flight.discard(future)
 
     def _run(self) -> None:
         set_thread_role("worker")
         backoff_s = 0.0
         while not self._stop.is_set():
             try:
-                busy = self.run_once()
+                busy = self._dispatch()
                 backoff_s = 0.0
             except SQLAlchemyError as exc:
                 backoff_s = min(MAX_BACKOFF_S, max(self._poll_s, backoff_s * 2))

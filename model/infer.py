@@ -1,8 +1,16 @@
-"""Warm, batched inference with a loaded bundle (CPU or CUDA)."""
+"""Warm, batched inference with a loaded bundle (CPU or CUDA).
+
+Inputs reach the device through one :class:`StagingBuffer` per classifier: a host tensor of
+one batch, allocated once (pinned on CUDA) and reused, copied with ``non_blocking``; the
+forward pass runs under ``torch.autocast`` on CUDA. The daemon preprocesses on its prepare
+stage and calls :meth:`Classifier.classify_prepared` / :meth:`Classifier.heatmaps_prepared`
+from its micro-batchers (:mod:`model.batcher`).
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +23,7 @@ from model.applicability import logits_and_features, mediastinum_contrast
 from model.bundle import Aggregation, Bundle
 from model.explain import Explanation, cam_to_source, grad_cam
 from model.pixels import PixelMeta
-from model.preprocess import crop_box, preprocess
+from model.preprocess import CropBox, crop_box, preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +102,63 @@ def aggregate_study(
     return float(top.mean())
 
 
+class StagingBuffer:
+    """One batch of model inputs on the host, allocated once and reused for every batch.
+
+    On CUDA the buffer is pinned (page-locked) and copied to the device with
+    ``non_blocking=True``; before it is refilled the previous copy is awaited (a CUDA event),
+    so a batch never sees the next one's data. On CPU (``pin`` off) the device tensor is a
+    view of the buffer, used before the next fill (callers hold the classifier's lock).
+
+    Parameters
+    ----------
+    shape
+        (max_batch, C, S, S) of one full batch.
+    device
+        Where the batches go.
+    pin
+        Pin the host buffer (default: when ``device`` is CUDA).
+    """
+
+    def __init__(
+        self, shape: tuple[int, int, int, int], device: torch.device, pin: bool | None = None
+    ) -> None:
+        self.device = device
+        self.pinned = device.type == "cuda" if pin is None else pin
+        self.host = torch.empty(shape, dtype=torch.float32, pin_memory=self.pinned)
+        self._copied: Any = None  # torch.cuda.Event of the last host -> device copy
+        self.fills = 0
+
+    def load(self, arrays: Sequence[npt.NDArray[Any]]) -> torch.Tensor:
+        """Copy ``arrays`` (each (C, S, S)) into the buffer; return them as a device batch.
+
+        Raises
+        ------
+        ValueError
+            When an array does not have the buffer's item shape or there are too many.
+        """
+        expected = tuple(self.host.shape[1:])
+        if len(arrays) > self.host.shape[0]:
+            raise ValueError(f"{len(arrays)} inputs exceed the batch of {self.host.shape[0]}")
+        for arr in arrays:
+            if tuple(arr.shape) != expected:
+                raise ValueError(
+                    f"preprocessed image has shape {tuple(arr.shape)}, expected {expected}"
+                )
+        if self._copied is not None:
+            self._copied.synchronize()
+        for k, arr in enumerate(arrays):
+            self.host[k].copy_(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)))
+        self.fills += 1
+        batch = self.host[: len(arrays)]
+        if self.device.type != "cuda":
+            return batch.to(self.device)
+        on_device = batch.to(self.device, non_blocking=self.pinned)
+        self._copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        self._copied.record()
+        return on_device
+
+
 class Classifier:
     """A warm classifier: network built once on the device and reused for every study.
 
@@ -121,20 +186,13 @@ class Classifier:
         self.logit_bias = bundle.card.logit_bias
         self.gate = bundle.gate
         self._net = bundle.model.to(self.device).eval()
-        self._expected_shape = (self.spec.channels, self.spec.input_size, self.spec.input_size)
+        size = self.spec.input_size
+        self.staging = StagingBuffer((batch_size, self.spec.channels, size, size), self.device)
+        self._lock = threading.Lock()
+        """One batch at a time on the device and in the staging buffer (several threads)."""
 
     def _batch_tensor(self, batch: Sequence[npt.NDArray[Any]]) -> torch.Tensor:
-        for arr in batch:
-            if tuple(arr.shape) != self._expected_shape:
-                raise ValueError(
-                    f"preprocessed image has shape {tuple(arr.shape)}, "
-                    f"expected {self._expected_shape}"
-                )
-        host = torch.from_numpy(np.stack([np.asarray(a, dtype=np.float32) for a in batch]))
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-            return host.to(self.device, non_blocking=True)
-        return host.to(self.device)
+        return self.staging.load(batch)
 
     def predict(self, images: Sequence[npt.NDArray[Any]]) -> npt.NDArray[np.float64]:
         """Return calibrated P(positive class) for preprocessed (C, H, W) arrays.
@@ -156,27 +214,34 @@ class Classifier:
     ) -> tuple[npt.NDArray[np.float64], list[str | None]]:
         """Return probabilities and, with the gate, why each image is refused (one pass)."""
         out = np.empty(len(images), dtype=np.float64)
-        gate = self.gate if with_gate else None
-        reasons: list[str | None] = [None] * len(images)
-        use_cuda = self.device.type == "cuda"
-        with torch.inference_mode():
-            for start in range(0, len(images), self.batch_size):
-                batch = self._batch_tensor(images[start : start + self.batch_size])
-                with torch.autocast(device_type=self.device.type, enabled=use_cuda):
-                    if gate is not None:
-                        logits, feats = logits_and_features(self._net, batch)
-                    else:
-                        logits = self._net(batch)
-                probs = torch.sigmoid(
-                    logits.float().reshape(-1) / self.temperature + self.logit_bias
-                )
-                out[start : start + len(probs)] = probs.cpu().numpy().astype(np.float64)
-                if gate is not None:
-                    dist = gate.distances(feats.float().cpu().numpy())
-                    contrast = mediastinum_contrast(batch.float().cpu().numpy())
-                    for k, (d, c) in enumerate(zip(dist, contrast, strict=True)):
-                        reasons[start + k] = gate.reason(float(d), float(c))
+        reasons: list[str | None] = []
+        for start in range(0, len(images), self.batch_size):
+            probs, why = self._forward_batch(images[start : start + self.batch_size], with_gate)
+            out[start : start + len(probs)] = probs
+            reasons.extend(why)
         return out, reasons
+
+    def _forward_batch(
+        self, chunk: Sequence[npt.NDArray[Any]], with_gate: bool
+    ) -> tuple[npt.NDArray[np.float64], list[str | None]]:
+        """Run one batch (at most ``batch_size`` inputs) through the staging buffer."""
+        gate = self.gate if with_gate else None
+        use_cuda = self.device.type == "cuda"
+        with self._lock, torch.inference_mode():
+            batch = self._batch_tensor(chunk)
+            with torch.autocast(device_type=self.device.type, enabled=use_cuda):
+                if gate is not None:
+                    logits, feats = logits_and_features(self._net, batch)
+                else:
+                    logits = self._net(batch)
+            probs = torch.sigmoid(logits.float().reshape(-1) / self.temperature + self.logit_bias)
+            out = probs.cpu().numpy().astype(np.float64)
+            if gate is None:
+                return out, [None] * len(chunk)
+            feats_np = feats.float().cpu().numpy()
+            contrast = mediastinum_contrast(batch.float().cpu().numpy())
+        dist = gate.distances(feats_np)
+        return out, [gate.reason(float(d), float(c)) for d, c in zip(dist, contrast, strict=True)]
 
     def features(self, images: Sequence[npt.NDArray[Any]]) -> npt.NDArray[np.float32]:
         """Return pooled penultimate features (N, D) of preprocessed arrays (gate fitting).
@@ -189,8 +254,9 @@ class Classifier:
         chunks: list[npt.NDArray[np.float32]] = []
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
-                batch = self._batch_tensor(images[start : start + self.batch_size])
-                chunks.append(logits_and_features(self._net, batch)[1].float().cpu().numpy())
+                with self._lock:
+                    batch = self._batch_tensor(images[start : start + self.batch_size])
+                    chunks.append(logits_and_features(self._net, batch)[1].float().cpu().numpy())
         return np.concatenate(chunks) if chunks else np.empty((0, 0), dtype=np.float32)
 
     def classify(
@@ -204,7 +270,13 @@ class Classifier:
             (stored pixels, metadata) pairs as produced by the DICOM reader or
             :func:`model.preprocess.load_image_file`.
         """
-        tensors = [preprocess(pixels, meta, self.spec) for pixels, meta in items]
+        return self.classify_prepared([preprocess(p, m, self.spec) for p, m in items])
+
+    def classify_prepared(self, tensors: Sequence[npt.NDArray[Any]]) -> list[ImagePrediction]:
+        """Classify preprocessed (C, S, S) arrays; with a gate, say which are not applicable.
+
+        The daemon's micro-batcher calls this with inputs of several studies at once.
+        """
         probs, reasons = self._forward(tensors, with_gate=True)
         return [
             ImagePrediction(float(p), bool(p >= self.threshold), why)
@@ -232,19 +304,36 @@ class Classifier:
         shapes = [(int(np.shape(p)[0]), int(np.shape(p)[1])) for p, _ in items]
         boxes = [crop_box(pixels, self.spec) for pixels, _ in items]
         tensors = [preprocess(pixels, meta, self.spec) for pixels, meta in items]
+        raw = self.heatmaps_prepared(tensors)
+        return [
+            Explanation(probability=prob, heatmap=self.heatmap_on_source(cam, shapes[i], boxes[i]))
+            for i, (prob, cam) in enumerate(raw)
+        ]
+
+    def heatmaps_prepared(
+        self, tensors: Sequence[npt.NDArray[Any]]
+    ) -> list[tuple[float, npt.NDArray[np.float32]]]:
+        """Return (probability, raw Grad-CAM map) of preprocessed arrays: one backward a batch.
+
+        Map a raw map onto its source image with :meth:`heatmap_on_source`.
+        """
         use_cuda = self.device.type == "cuda"
-        out: list[Explanation] = []
+        out: list[tuple[float, npt.NDArray[np.float32]]] = []
         for start in range(0, len(tensors), self.batch_size):
-            batch = self._batch_tensor(tensors[start : start + self.batch_size])
-            probs, cams = grad_cam(
-                self._net,
-                batch,
-                autocast=use_cuda,
-                temperature=self.temperature,
-                logit_bias=self.logit_bias,
-            )
-            for offset, (prob, cam) in enumerate(zip(probs, cams, strict=True)):
-                i = start + offset
-                heatmap = cam_to_source(cam, shapes[i], self.spec, boxes[i])
-                out.append(Explanation(probability=float(prob), heatmap=heatmap))
+            with self._lock:
+                batch = self._batch_tensor(tensors[start : start + self.batch_size])
+                probs, cams = grad_cam(
+                    self._net,
+                    batch,
+                    autocast=use_cuda,
+                    temperature=self.temperature,
+                    logit_bias=self.logit_bias,
+                )
+            out.extend((float(p), cam) for p, cam in zip(probs, cams, strict=True))
         return out
+
+    def heatmap_on_source(
+        self, cam: npt.NDArray[np.float32], shape: tuple[int, int], box: CropBox | None
+    ) -> npt.NDArray[np.float32]:
+        """Map a raw Grad-CAM map onto the (H, W) grid of its source image (crop ``box``)."""
+        return cam_to_source(cam, shape, self.spec, box)

@@ -16,7 +16,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from sqlalchemy import select
 
-import daemon.pipeline
+import daemon.stages.reading
 from db.models import Instance, Study
 from db.queries import audit_trail
 from tests.daemon.conftest import PacsStandIn, dcmsend, make_settings, wait_until
@@ -83,7 +83,7 @@ def test_vanished_spool_file_fails_once_without_retry(
 def test_transient_io_error_is_retried(
     tmp_path: Path, pacs: PacsStandIn, start_app: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = daemon.pipeline.read_image
+    real = daemon.stages.reading.read_image
     calls: list[Path] = []
 
     def flaky(path: Path) -> Any:
@@ -92,7 +92,7 @@ def test_transient_io_error_is_retried(
             raise OSError(5, "Input/output error")
         return real(path)
 
-    monkeypatch.setattr(daemon.pipeline, "read_image", flaky)
+    monkeypatch.setattr(daemon.stages.reading, "read_image", flaky)
     app = start_app(make_settings(tmp_path, pacs.port))
     ds, _ = _received(app, tmp_path)
     uid = str(ds.StudyInstanceUID)
