@@ -56,6 +56,9 @@ DUPLICATES_DIR = "duplicates"
 TEMP_SUFFIX = ".tmp"
 """Suffix of in-flight temporary files (hidden: they also start with a dot)."""
 
+INCOMING_PREFIX = ".incoming-"
+"""Name prefix of the files data sets are streamed to while they arrive (in the root)."""
+
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 
 
@@ -314,7 +317,7 @@ class Spool:
         header = DicomBytesIO()
         header.write(_PREAMBLE)
         write_file_meta_info(header, file_meta, enforce_standard=True)
-        tmp = self.root / f".incoming-{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        tmp = self.root / f"{INCOMING_PREFIX}{uuid.uuid4().hex}{TEMP_SUFFIX}"
         return IncomingFile(tmp, header.getvalue())
 
     def place_incoming(self, incoming: IncomingFile, path: Path) -> Placed:

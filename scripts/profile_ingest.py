@@ -40,8 +40,8 @@ sys.path.insert(0, str(REPO))
 from pynetdicom import dimse_messages, dul, events, transport  # noqa: E402
 
 import daemon.sink  # noqa: E402
-import dicom_io.scp  # noqa: E402
 import dicom_io.incoming  # noqa: E402
+import dicom_io.scp  # noqa: E402
 import dicom_io.spool  # noqa: E402
 import dicom_io.wire  # noqa: E402
 from daemon.app import Radflag  # noqa: E402
@@ -82,7 +82,6 @@ def instrumented() -> Iterator[None]:
         (dicom_io.scp, "handle_store", "C-STORE handler (all below)"),
         (dicom_io.incoming.IncomingFile, "sync", "file fsync"),
         (dicom_io.spool, "_fsync_dir", "directory fsync"),
-
         (daemon.sink.DatabaseSink, "store", "sink: database commit"),
         (transport.AssociationSocket, "send", "socket send (response)"),
     ]
@@ -93,7 +92,7 @@ def instrumented() -> Iterator[None]:
         setattr(owner, attr, _timed(name, original))
     parse = events.Event.dataset
     originals.append((events.Event, "dataset", parse))
-    events.Event.dataset = property(_timed("data set parse", parse.fget))  # type: ignore[method-assign,assignment]
+    events.Event.dataset = property(_timed("data set parse", parse.fget))  # type: ignore[method-assign,assignment,attr-defined]
     try:
         yield
     finally:
@@ -133,13 +132,17 @@ def main() -> int:
             finally:
                 app.stop()
         n = args.images
-        print(f"{n} images of {args.size}^2, one association: {wall:.2f} s, "
-              f"{n / wall:.1f} images/s, {wall / n * 1000:.1f} ms per image\n")
+        print(
+            f"{n} images of {args.size}^2, one association: {wall:.2f} s, "
+            f"{n / wall:.1f} images/s, {wall / n * 1000:.1f} ms per image\n"
+        )
         print("| stage | calls per image | ms per image | % of wall |")
         print("|---|---:|---:|---:|")
         for name, total in _totals.items():
-            print(f"| {name} | {_counts[name] / n:.1f} | {total / n * 1000:.2f} "
-                  f"| {total / wall * 100:.0f} |")
+            print(
+                f"| {name} | {_counts[name] / n:.1f} | {total / n * 1000:.2f} "
+                f"| {total / wall * 100:.0f} |"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
