@@ -3,9 +3,8 @@
 The listener streams each data fragment (PS3.8 E.2, P-DATA-TF PDV) of a C-STORE request to
 one of these files as it is received, instead of collecting 8 MiB in memory and writing it
 afterwards: the preamble, ``DICM`` and the file meta information (PS3.10 7.1) go first, the
-data set bytes follow exactly as received. Every ``WRITEBACK_BYTES`` the kernel is asked to
-start writing the new pages to disk (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so
-the final ``fsync`` before the answer has little left to wait for.
+data set bytes follow exactly as received. (Asking the kernel to start writing back every
+MiB with ``sync_file_range`` was measured and made ingest slower here: not done.)
 
 Writes never raise (they run in pynetdicom's reader thread, where an exception would abort
 the association): the first error is kept in :attr:`IncomingFile.error`, later bytes are
@@ -14,35 +13,12 @@ dropped, and the C-STORE handler answers a failure status.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 logger = logging.getLogger(__name__)
-
-WRITEBACK_BYTES = 1 << 20
-"""Start the disk write of every this many new bytes while the data set still arrives."""
-
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _sync_file_range() -> Any | None:
-    """Return libc's ``sync_file_range`` (Linux) with its argument types, else None."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        function = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_START_WRITEBACK = _sync_file_range()
 
 
 class IncomingFile:
@@ -69,7 +45,6 @@ class IncomingFile:
         self.data_offset = len(header)
         """Where the data set starts in the file."""
         self.size = 0
-        self._synced_to = 0
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             self._write_all(header)
@@ -91,9 +66,6 @@ class IncomingFile:
         except OSError as exc:
             self.error = exc
             logger.debug("incoming spool write failed", exc_info=True)
-            return
-        if self.size - self._synced_to >= WRITEBACK_BYTES:
-            self._start_writeback()
 
     def flush(self) -> None:
         """Nothing is buffered in user space."""
@@ -138,10 +110,3 @@ class IncomingFile:
             written = os.write(self._fd, view)
             view = view[written:]
             self.size += written
-
-    def _start_writeback(self) -> None:
-        if _START_WRITEBACK is not None and self._fd is not None:
-            _START_WRITEBACK(
-                self._fd, self._synced_to, self.size - self._synced_to, _SYNC_FILE_RANGE_WRITE
-            )
-        self._synced_to = self.size

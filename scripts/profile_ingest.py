@@ -75,7 +75,6 @@ def instrumented() -> Iterator[None]:
     patches: list[tuple[Any, str, Any]] = [
         (dicom_io.wire.WireSocket, "recv", "socket receive"),
         (dicom_io.incoming.IncomingFile, "write", "file write while receiving"),
-        (dicom_io.incoming.IncomingFile, "_start_writeback", "  of which: start writeback"),
         (dicom_io.spool.Spool, "place_incoming", "spool place (fsyncs + link)"),
         (dul.DULServiceProvider, "_decode_pdu", "PDU decode"),
         (dimse_messages.DIMSEMessage, "decode_msg", "DIMSE reassembly"),
