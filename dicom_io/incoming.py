@@ -45,7 +45,7 @@ class IncomingFile:
         self.data_offset = len(header)
         """Where the data set starts in the file."""
         self.size = 0
-        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             self._write_all(header)
         except OSError:

@@ -2,26 +2,32 @@
 
 Implements PS3.4 Annex A (Verification) and Annex B (Storage) over PS3.7 C-ECHO/C-STORE and
 the PS3.8 upper layer. "Ack means durable": a C-STORE gets ``0x0000`` only after the instance
-is on disk (fsync + atomic rename, :class:`dicom_io.spool.Spool`) *and* the sink committed its
-row; otherwise the sender receives a failure status and will retry.
+is on disk (fsync + link + directory fsync, :class:`dicom_io.spool.Spool`) *and* the sink
+committed its row; otherwise the sender receives a failure status and will retry.
 
-C-STORE handling, in order (:func:`handle_store`):
+While a C-STORE request arrives, its data set is streamed into a temporary spool file
+(:mod:`dicom_io.wire`, :mod:`dicom_io.incoming`): preamble and file meta (built from the
+command set and the presentation context) first, then the fragments as received. A write
+error there (``ENOSPC`` included) is kept and answered in step 1; a transfer cut short leaves
+no file. Then, in order (:func:`handle_store`):
 
-1. decode the data set (failure: ``0xC210`` cannot understand);
+1. parse the data set -- every element but the pixel bytes, which are skipped
+   (:func:`dicom_io.wire.read_data_set`; failure: ``0xC210`` cannot understand);
 2. validate Study/Series/SOP Instance UIDs (PS3.5 9.1 syntax), SOP Instance UID equal to
    the command's Affected SOP Instance UID and SOP Class UID equal to the presentation
    context's abstract syntax (failure: ``0xA900`` data set does not match SOP class);
 3. place the received bytes as a PS3.10 file, in the received transfer syntax, through the
-   spool (any write error, ``ENOSPC`` included: ``0xA700`` out of resources; nothing
-   half-written is left). A file already spooled for the SOP instance is never replaced:
-   identical bytes are dropped, other bytes are kept aside (:meth:`Spool.place_encoded`);
+   spool (any write error: ``0xA700`` out of resources; nothing half-written is left). A file
+   already spooled for the SOP instance is never replaced: identical bytes are dropped, other
+   bytes are kept aside (:meth:`Spool.place_incoming`, :meth:`Spool.place_encoded`);
 4. ``sink.store(...)``; if it raises, the file this request created is removed (the original
    of a duplicate is never touched) and the answer is ``0xA700``;
 5. ``0x0000``.
 
 Before step 3 the free space of the spool's file system is checked: below
 ``min_free_bytes`` (plus the size of the data set) the answer is ``0xA700`` and nothing is
-written, so the database, logs and quarantine keep room to work.
+kept. (Below the reserve a data set is not streamed at all: it stays in memory and is never
+written.) So the database, logs and quarantine keep room to work.
 
 Association policy (PS3.8 9.3.4 reject reasons): a calling AE title outside
 ``allowed_calling_aes`` -- or allowed only from other source addresses, see

@@ -5,10 +5,10 @@ Starts ``radflag serve``'s listener as shipped (SQLite database, no models) on 1
 sends N x 2048^2 16-bit DX images with DCMTK ``storescu`` (``TCP_NODELAY=1``) over one
 association, and wraps the functions of each stage with wall-clock counters:
 
-- socket receive (``AssociationSocket.recv``), PDU decode (``DULServiceProvider._decode_pdu``),
-  DIMSE reassembly (``DIMSEMessage.decode_msg``) -- pynetdicom's reader thread;
-- data set parse, spool write, file fsync, directory fsync, sink (database commit) and
-  response send -- the association thread, inside the C-STORE handler.
+- socket receive (``WireSocket.recv``), PDU decode (non-P-DATA PDUs only), DIMSE reassembly
+  (``DIMSEMessage.decode_msg``), of which the file writes -- pynetdicom's reader thread;
+- data set parse, file fsync, directory fsync, sink (database commit) and response send --
+  the association thread, inside the C-STORE handler.
 
 Stages run in two threads, so they can overlap; the table also gives the wall time per image.
 
@@ -37,7 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pynetdicom import dimse_messages, dul, events, transport  # noqa: E402
+from pynetdicom import dimse_messages, dul, transport  # noqa: E402
 
 import daemon.sink  # noqa: E402
 import dicom_io.incoming  # noqa: E402
@@ -79,6 +79,7 @@ def instrumented() -> Iterator[None]:
         (dul.DULServiceProvider, "_decode_pdu", "PDU decode"),
         (dimse_messages.DIMSEMessage, "decode_msg", "DIMSE reassembly"),
         (dicom_io.scp, "handle_store", "C-STORE handler (all below)"),
+        (dicom_io.wire, "read_data_set", "data set parse (no pixels)"),
         (dicom_io.incoming.IncomingFile, "sync", "file fsync"),
         (dicom_io.spool, "_fsync_dir", "directory fsync"),
         (daemon.sink.DatabaseSink, "store", "sink: database commit"),
@@ -89,9 +90,6 @@ def instrumented() -> Iterator[None]:
         original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
         originals.append((owner, attr, original))
         setattr(owner, attr, _timed(name, original))
-    parse = events.Event.dataset
-    originals.append((events.Event, "dataset", parse))
-    events.Event.dataset = property(_timed("data set parse", parse.fget))  # type: ignore[method-assign,assignment,attr-defined]
     try:
         yield
     finally:
