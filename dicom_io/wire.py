@@ -57,6 +57,10 @@ _LONG_LENGTH_VRS = frozenset(
     {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
 )
 
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+_FIRST_READ_BYTES = 1 << 20
+"""A PDU read starts with a buffer of at most this size (then doubles as bytes arrive)."""
+
 OpenIncoming = Callable[[Any, int, C_STORE_RQ], IncomingFile | None]
 """``(assoc, context_id, message) -> IncomingFile | None``: where a data set is streamed."""
 
@@ -97,16 +101,19 @@ class WireSocket(AssociationSocket):
         sock = self.socket
         if sock is None:
             return bytearray()
-        buffer = bytearray(nr_bytes)
+        # The buffer grows (doubling) as bytes arrive: a PDU header announcing 4 GiB from a
+        # hostile peer allocates only what the peer actually sends.
+        buffer = bytearray(min(nr_bytes, _FIRST_READ_BYTES))
         got = 0
-        with memoryview(buffer) as view:
-            while got < nr_bytes:
-                n = sock.recv_into(view[got:], nr_bytes - got)
-                if n == 0:
-                    break
-                got += n
-        if got < nr_bytes:
-            del buffer[got:]
+        while got < nr_bytes:
+            if got == len(buffer):
+                buffer.extend(bytes(min(len(buffer), nr_bytes - got)))
+            with memoryview(buffer) as view, view[got:] as free:
+                n = sock.recv_into(free)
+            if n == 0:
+                break
+            got += n
+        del buffer[got:]
         _quick_ack(sock)
         return buffer
 
@@ -115,9 +122,6 @@ class WireSocket(AssociationSocket):
         super().send(bytestream)
         if self.socket is not None:
             _quick_ack(self.socket)
-
-
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
 def _quick_ack(sock: socket.socket) -> None:

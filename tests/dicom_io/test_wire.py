@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+import tracemalloc
 from io import BytesIO
 from pathlib import Path
 
@@ -202,3 +203,24 @@ def test_a_transfer_cut_short_leaves_no_file(running_listener: RunningListener) 
         time.sleep(0.05)
     assert _leftovers(running_listener) == []
     assert running_listener.sink.stored == []
+
+
+def test_a_huge_announced_pdu_allocates_only_what_arrives(
+    running_listener: RunningListener,
+) -> None:
+    """A-ASSOCIATE-RQ header announcing 4 GiB, then 64 KiB and a close: no 4 GiB buffer."""
+    tracemalloc.start()
+    try:
+        with socket.create_connection(("127.0.0.1", running_listener.port), timeout=5) as sock:
+            sock.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFF0) + b"\x00" * 65536)
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(1024) == b""  # the listener closes the connection
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", running_listener.port, ae_title=SCP_AE)
+    assert assoc.is_established  # still serving
+    assoc.release()
