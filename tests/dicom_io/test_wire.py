@@ -211,7 +211,7 @@ def test_a_huge_announced_pdu_allocates_only_what_arrives(
     """A-ASSOCIATE-RQ header announcing 4 GiB, then 64 KiB and a close: no 4 GiB buffer."""
     tracemalloc.start()
     try:
-        with socket.create_connection(("127.0.0.1", running_listener.port), timeout=5) as sock:
+        with socket.create_connection(("127.0.0.1", running_listener.port), timeout=30) as sock:
             sock.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFF0) + b"\x00" * 65536)
             sock.shutdown(socket.SHUT_WR)
             assert sock.recv(1024) == b""  # the listener closes the connection
