@@ -15,13 +15,13 @@ import hmac
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.audit import AuditEventType, audit
 from db.clock import db_now
-from db.models import Instance, Study
+from db.models import AuditEvent, Instance, Study
 from db.queue import transition
 from db.states import StudyEvent, StudyState, next_state
 
@@ -109,6 +109,8 @@ def record_instance(
 
 def _record(session: Session, item: NewInstance, policy: PatientIdPolicy, when: datetime) -> bool:
     actor = f"scp:{item.calling_ae}@{item.peer_host or '?'}"
+    if _append_to_receiving_study(session, item, actor, when):
+        return True
     existing = session.scalars(
         select(Instance).where(Instance.sop_instance_uid == item.sop_instance_uid)
     ).first()
@@ -136,23 +138,7 @@ def _record(session: Session, item: NewInstance, policy: PatientIdPolicy, when: 
         # (An object no model reads — e.g. our own SR/SC routed back by the PACS — is stored
         # but leaves a study that is already past RECEIVING where it is: the loop guard.)
         _receive_into(session, study, actor, when)
-    session.add(
-        Instance(
-            study_id=study.id,
-            sop_instance_uid=item.sop_instance_uid,
-            sop_class_uid=item.sop_class_uid,
-            series_instance_uid=item.series_instance_uid,
-            modality=item.modality,
-            transfer_syntax_uid=item.transfer_syntax_uid,
-            path=item.path,
-            size_bytes=item.size_bytes,
-            calling_ae=item.calling_ae,
-            peer_host=item.peer_host,
-            received_at=when,
-            duplicate_count=0,
-            quarantined=False,
-        )
-    )
+    session.add(Instance(**_instance_values(item, study.id, when)))
     audit(
         session,
         AuditEventType.INSTANCE_RECEIVED,
@@ -160,14 +146,88 @@ def _record(session: Session, item: NewInstance, policy: PatientIdPolicy, when: 
         study=study,
         sop_instance_uid=item.sop_instance_uid,
         at=when,
-        detail={
-            "sop_class_uid": item.sop_class_uid,
-            "modality": item.modality,
-            "size_bytes": item.size_bytes,
-            "transfer_syntax_uid": item.transfer_syntax_uid,
-        },
+        detail=_received_detail(item),
     )
     return True
+
+
+_KNOWN_INSTANCE = select(Instance.id).where(Instance.sop_instance_uid == bindparam("sop_uid"))
+_LOCK_STUDY = (
+    select(Study.id, Study.state)
+    .where(Study.study_instance_uid == bindparam("study_uid"))
+    .with_for_update()
+)
+_TOUCH_STUDY = (
+    update(Study)
+    .where(Study.id == bindparam("study_id"))
+    .values(
+        last_received_at=bindparam("when"), state=bindparam("state"), updated_at=bindparam("when")
+    )
+)
+_INSERT_INSTANCE = insert(Instance)
+_INSERT_AUDIT = insert(AuditEvent)
+_AUDIT_COLUMNS = [c.key for c in AuditEvent.__table__.columns if not c.primary_key]
+
+
+def _append_to_receiving_study(
+    session: Session, item: NewInstance, actor: str, when: datetime
+) -> bool:
+    """Record a new instance of a study still RECEIVING with five prepared statements.
+
+    The common case of a burst (every instance of a study but its first): the same rows,
+    the same study lock and the same audit row (built by :func:`db.audit.audit`) as the
+    general path, without the ORM's unit of work. Returns False, having changed nothing,
+    when the general path must run (known instance, new study, or a study past RECEIVING).
+    """
+    conn = session.connection()
+    if conn.execute(_KNOWN_INSTANCE, {"sop_uid": item.sop_instance_uid}).first() is not None:
+        return False
+    study = conn.execute(_LOCK_STUDY, {"study_uid": item.study_instance_uid}).first()
+    if study is None or study.state != StudyState.RECEIVING.value:
+        return False
+    state = next_state(StudyState.RECEIVING, StudyEvent.INSTANCE_RECEIVED).value
+    conn.execute(_TOUCH_STUDY, {"study_id": study.id, "when": when, "state": state})
+    conn.execute(_INSERT_INSTANCE, _instance_values(item, study.id, when))
+    row = audit(
+        session,
+        AuditEventType.INSTANCE_RECEIVED,
+        actor=actor,
+        study_instance_uid=item.study_instance_uid,
+        sop_instance_uid=item.sop_instance_uid,
+        at=when,
+        detail=_received_detail(item),
+    )
+    session.expunge(row)  # inserted here, not by the unit of work
+    row.study_id = study.id
+    conn.execute(_INSERT_AUDIT, {key: getattr(row, key) for key in _AUDIT_COLUMNS})
+    return True
+
+
+def _instance_values(item: NewInstance, study_id: int, when: datetime) -> dict[str, object]:
+    return {
+        "study_id": study_id,
+        "sop_instance_uid": item.sop_instance_uid,
+        "sop_class_uid": item.sop_class_uid,
+        "series_instance_uid": item.series_instance_uid,
+        "modality": item.modality,
+        "transfer_syntax_uid": item.transfer_syntax_uid,
+        "path": item.path,
+        "size_bytes": item.size_bytes,
+        "calling_ae": item.calling_ae,
+        "peer_host": item.peer_host,
+        "received_at": when,
+        "duplicate_count": 0,
+        "quarantined": False,
+    }
+
+
+def _received_detail(item: NewInstance) -> dict[str, object]:
+    return {
+        "sop_class_uid": item.sop_class_uid,
+        "modality": item.modality,
+        "size_bytes": item.size_bytes,
+        "transfer_syntax_uid": item.transfer_syntax_uid,
+    }
 
 
 def _receive_into(session: Session, study: Study, actor: str, when: datetime) -> None:

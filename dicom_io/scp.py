@@ -2,26 +2,32 @@
 
 Implements PS3.4 Annex A (Verification) and Annex B (Storage) over PS3.7 C-ECHO/C-STORE and
 the PS3.8 upper layer. "Ack means durable": a C-STORE gets ``0x0000`` only after the instance
-is on disk (fsync + atomic rename, :class:`dicom_io.spool.Spool`) *and* the sink committed its
-row; otherwise the sender receives a failure status and will retry.
+is on disk (fsync + link + directory fsync, :class:`dicom_io.spool.Spool`) *and* the sink
+committed its row; otherwise the sender receives a failure status and will retry.
 
-C-STORE handling, in order (:func:`handle_store`):
+While a C-STORE request arrives, its data set is streamed into a temporary spool file
+(:mod:`dicom_io.wire`, :mod:`dicom_io.incoming`): preamble and file meta (built from the
+command set and the presentation context) first, then the fragments as received. A write
+error there (``ENOSPC`` included) is kept and answered in step 1; a transfer cut short leaves
+no file. Then, in order (:func:`handle_store`):
 
-1. decode the data set (failure: ``0xC210`` cannot understand);
+1. parse the data set -- every element but the pixel bytes, which are skipped
+   (:func:`dicom_io.wire.read_data_set`; failure: ``0xC210`` cannot understand);
 2. validate Study/Series/SOP Instance UIDs (PS3.5 9.1 syntax), SOP Instance UID equal to
    the command's Affected SOP Instance UID and SOP Class UID equal to the presentation
    context's abstract syntax (failure: ``0xA900`` data set does not match SOP class);
 3. place the received bytes as a PS3.10 file, in the received transfer syntax, through the
-   spool (any write error, ``ENOSPC`` included: ``0xA700`` out of resources; nothing
-   half-written is left). A file already spooled for the SOP instance is never replaced:
-   identical bytes are dropped, other bytes are kept aside (:meth:`Spool.place_encoded`);
+   spool (any write error: ``0xA700`` out of resources; nothing half-written is left). A file
+   already spooled for the SOP instance is never replaced: identical bytes are dropped, other
+   bytes are kept aside (:meth:`Spool.place_incoming`, :meth:`Spool.place_encoded`);
 4. ``sink.store(...)``; if it raises, the file this request created is removed (the original
    of a duplicate is never touched) and the answer is ``0xA700``;
 5. ``0x0000``.
 
 Before step 3 the free space of the spool's file system is checked: below
 ``min_free_bytes`` (plus the size of the data set) the answer is ``0xA700`` and nothing is
-written, so the database, logs and quarantine keep room to work.
+kept. (Below the reserve a data set is not streamed at all: it stays in memory and is never
+written.) So the database, logs and quarantine keep room to work.
 
 Association policy (PS3.8 9.3.4 reject reasons): a calling AE title outside
 ``allowed_calling_aes`` -- or allowed only from other source addresses, see
@@ -74,19 +80,22 @@ from typing import Any, Protocol, cast
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import create_file_meta
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from dicom_io import statuses
+from dicom_io import statuses, wire
 from dicom_io.ae_titles import validate_ae_title
+from dicom_io.incoming import IncomingFile
 from dicom_io.peers import CallingAePolicy
 from dicom_io.sop_classes import (
     STORAGE_SOP_CLASSES,
     STORAGE_TRANSFER_SYNTAXES,
     VERIFICATION_SOP_CLASS,
 )
-from dicom_io.spool import Spool, SpoolError
+from dicom_io.spool import Placed, Spool, SpoolError
 from dicom_io.tls import ServerTls
 from dicom_io.uids import clean_uid
 
@@ -329,9 +338,14 @@ def _handle_store(
     transfer_syntax = str(event.context.transfer_syntax)
     detail["sop_instance_uid"] = str(request.AffectedSOPInstanceUID or "")
 
-    # 1. decode
+    # 1. decode (the data set was streamed to a spool file, or is in memory)
+    incoming = wire.incoming_of(request)
+    if incoming is not None and incoming.error is not None:
+        logger.error("spool write failed while receiving: %s", incoming.error, extra=detail)
+        reason = "out of disk space" if incoming.out_of_space else "spool write failed"
+        return fail(statuses.OUT_OF_RESOURCES, reason)
     try:
-        ds = event.dataset
+        ds = _received_data_set(event, incoming, transfer_syntax)
         sop_class = clean_uid(ds.get("SOPClassUID"))
         sop_uid = clean_uid(ds.get("SOPInstanceUID"))
         study_uid = clean_uid(ds.get("StudyInstanceUID"))
@@ -363,24 +377,15 @@ def _handle_store(
     # cannot remove a file another association has just committed.
     path = ctx.spool.path_for(study_uid, series_uid, sop_uid)
     raw = request.DataSet
-    if ctx.min_free_bytes:
-        incoming = raw.getbuffer().nbytes if isinstance(raw, BytesIO) else 0
-        free = ctx.spool.free_bytes()
-        if free < ctx.min_free_bytes + incoming:
-            logger.error(
-                "spool file system below its free-space reserve",
-                extra={**detail, "free_bytes": free, "min_free_bytes": ctx.min_free_bytes},
-            )
-            return fail(statuses.OUT_OF_RESOURCES, "out of disk space")
-    file_meta = event.file_meta
-    file_meta.SourceApplicationEntityTitle = calling_ae or "UNKNOWN"
+    if ctx.min_free_bytes and not _has_room(ctx, raw, incoming):
+        logger.error(
+            "spool file system below its free-space reserve",
+            extra={**detail, "min_free_bytes": ctx.min_free_bytes},
+        )
+        return fail(statuses.OUT_OF_RESOURCES, "out of disk space")
     with ctx.locks.for_key(sop_uid):
         try:
-            if isinstance(raw, BytesIO):
-                with raw.getbuffer() as buffer:
-                    placed = ctx.spool.place_encoded(file_meta, buffer, path)
-            else:  # chunked receive mode or unusual primitive: re-encode the decoded data set
-                placed = ctx.spool.place(ds, file_meta, path)
+            placed = _place(event, ctx, incoming, path, calling_ae)
         except SpoolError as exc:
             reason = "out of disk space" if exc.out_of_space else "spool write failed"
             logger.error("spool write failed: %s", exc, extra=detail)
@@ -418,6 +423,49 @@ def _handle_store(
     return _status(statuses.SUCCESS)
 
 
+def _received_data_set(
+    event: evt.Event, incoming: IncomingFile | None, transfer_syntax: str
+) -> Dataset:
+    """Parse the received data set without copying its pixels (:func:`wire.read_data_set`)."""
+    if incoming is not None:
+        with incoming.path.open("rb") as fh:
+            fh.seek(incoming.data_offset)
+            return wire.read_data_set(fh, transfer_syntax)
+    raw = cast(C_STORE, event.request).DataSet
+    if isinstance(raw, BytesIO):
+        raw.seek(0)
+        return wire.read_data_set(raw, transfer_syntax)
+    return event.dataset
+
+
+def _has_room(ctx: StoreContext, raw: object, incoming: IncomingFile | None) -> bool:
+    """Return True when the data set leaves ``min_free_bytes`` free on the spool's disk.
+
+    A streamed data set is already on disk: the reserve must still be free after it.
+    """
+    free = ctx.spool.free_bytes()
+    if incoming is not None:
+        return free >= ctx.min_free_bytes
+    incoming_bytes = raw.getbuffer().nbytes if isinstance(raw, BytesIO) else 0
+    return free >= ctx.min_free_bytes + incoming_bytes
+
+
+def _place(
+    event: evt.Event, ctx: StoreContext, incoming: IncomingFile | None, path: Path, ae: str
+) -> Placed:
+    """Place the received bytes at ``path`` (streamed file, in-memory bytes, or re-encoded)."""
+    if incoming is not None:
+        return ctx.spool.place_incoming(incoming, path)
+    file_meta = event.file_meta
+    file_meta.SourceApplicationEntityTitle = ae or "UNKNOWN"
+    raw = cast(C_STORE, event.request).DataSet
+    if isinstance(raw, BytesIO):
+        with raw.getbuffer() as buffer:
+            return ctx.spool.place_encoded(file_meta, buffer, path)
+    # chunked receive mode or unusual primitive: re-encode the decoded data set
+    return ctx.spool.place(event.dataset, file_meta, path)
+
+
 def _remove_if_new(path: Path, existed_before: bool) -> None:
     if existed_before:
         return
@@ -443,27 +491,9 @@ def handle_conn_open(event: evt.Event) -> None:
         logger.debug("cannot set TCP_NODELAY", exc_info=True)
 
 
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
-
-
-def handle_pdu_io(event: evt.Event) -> None:
-    """Re-arm ``TCP_QUICKACK`` after each PDU sent or received (Linux).
-
-    Many senders (DCMTK by default among them) leave Nagle's algorithm on and write a PDU
-    in two parts (header, then body). With delayed ACKs on our side the second part waits
-    for our ACK of the first -- about 40 ms on every request of every association. Quick
-    ACKs remove that stall: measured with DCMTK ``echoscu``, an association drops from about
-    75 ms to about 38 ms.
-    """
-    if _QUICKACK is None:
-        return
-    try:
-        dul_socket = event.assoc.dul.socket
-        sock = None if dul_socket is None else dul_socket.socket
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-    except (AttributeError, OSError):
-        pass  # the connection is closing
+def handle_conn_close(event: evt.Event) -> None:
+    """Remove the spool file of a data set cut short by the end of the connection."""
+    wire.discard_incoming(event.assoc)
 
 
 def _rejection_reason(event: evt.Event, config: ListenerConfig, policy: CallingAePolicy) -> str:
@@ -583,6 +613,7 @@ class _ConnectionHandler(RequestHandler):
     def handle(self) -> None:
         """Create, start and wait for the acceptor association (as ``RequestHandler``)."""
         assoc = self._create_association()
+        wire.install(assoc, cast(_GuardedServer, self.server).policy.open_incoming)
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
         assoc.join()
@@ -594,6 +625,7 @@ class _ConnectionPolicy:
     network_timeout_s: float
     busy: _BusyAssociations
     on_refused: Callable[[str], None]
+    open_incoming: wire.OpenIncoming | None = None
 
     @property
     def socket_timeout_s(self) -> float:
@@ -818,8 +850,7 @@ class Listener:
         ssl_context = None if self.config.tls is None else self.config.tls.context()
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, handle_conn_open),
-            (evt.EVT_PDU_SENT, handle_pdu_io),
-            (evt.EVT_PDU_RECV, handle_pdu_io),
+            (evt.EVT_CONN_CLOSE, handle_conn_close),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store_marked, [self._store_ctx, self._busy]),
@@ -838,6 +869,7 @@ class Listener:
                 network_timeout_s=self.config.network_timeout_s,
                 busy=self._busy,
                 on_refused=self._on_refused,
+                open_incoming=self._open_incoming,
             ),
         )
         ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it
@@ -892,6 +924,33 @@ class Listener:
         for assoc in remaining:
             assoc.join(timeout=5)
         logger.info("listener stopped", extra={"aborted": len(remaining)})
+
+    def _open_incoming(
+        self, assoc: Any, context_id: int, message: C_STORE_RQ
+    ) -> IncomingFile | None:
+        """Open the spool file a C-STORE data set is streamed to (None: keep it in memory).
+
+        The file meta (PS3.10 7.1) is the one pynetdicom builds from the command set and the
+        presentation context, plus our Source Application Entity Title. Below the free-space
+        reserve, or when the file cannot be created, the data set stays in memory and the
+        handler answers as before (``0xA700`` without writing).
+        """
+        spool = self._store_ctx.spool
+        try:
+            if self.config.min_free_bytes and spool.free_bytes() < self.config.min_free_bytes:
+                return None
+            command = message.command_set
+            context = next(cx for cx in assoc.accepted_contexts if cx.context_id == context_id)
+            meta = create_file_meta(
+                sop_class_uid=command.AffectedSOPClassUID,
+                sop_instance_uid=command.AffectedSOPInstanceUID,
+                transfer_syntax=context.transfer_syntax[0],
+            )
+            meta.SourceApplicationEntityTitle = _peer_of(assoc).get("calling_ae") or "UNKNOWN"
+            return spool.open_incoming(meta)
+        except Exception:  # never in pynetdicom's reader thread: fall back to memory
+            logger.debug("cannot stream the data set to the spool", exc_info=True)
+            return None
 
     # -- association policy and notification handlers (audit) --------------------------
 

@@ -9,9 +9,12 @@ in the destination directory, is flushed and ``fsync``-ed, renamed over the fina
 ``os.replace`` and the directory is ``fsync``-ed. A reader therefore sees either the old file,
 the new file or nothing, never a half-written file.
 
-Received instances are *placed* (:meth:`Spool.place_encoded`), never written over: the final
-name is created with ``link(2)``, which fails when the name exists — atomically, also between
-processes and hosts sharing the spool. A copy whose name is taken by identical bytes is
+Received instances are *placed* (:meth:`Spool.place_encoded`, :meth:`Spool.place_incoming`),
+never written over: the temporary file is ``fsync``-ed, the final name is created with
+``link(2)``, which fails when the name exists — atomically, also between processes and hosts
+sharing the spool — and the directory is ``fsync``-ed once. The listener streams a data set
+into its temporary file while it arrives (:meth:`Spool.open_incoming`,
+:mod:`dicom_io.incoming`). A copy whose name is taken by identical bytes is
 dropped; one with *other* bytes goes to ``root/duplicates/`` (kept aside for review), so an
 acknowledged original is never replaced by a later copy, refused or not.
 
@@ -36,9 +39,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomFileLike
+from pydicom.filebase import DicomBytesIO, DicomFileLike
 from pydicom.filewriter import dcmwrite, write_file_meta_info
 
+from dicom_io.incoming import IncomingFile
 from dicom_io.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)
@@ -51,6 +55,9 @@ DUPLICATES_DIR = "duplicates"
 
 TEMP_SUFFIX = ".tmp"
 """Suffix of in-flight temporary files (hidden: they also start with a dot)."""
+
+INCOMING_PREFIX = ".incoming-"
+"""Name prefix of the files data sets are streamed to while they arrive (in the root)."""
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 
@@ -93,6 +100,13 @@ class Placed:
     """True when a new file was created (remove it if the instance is then not committed)."""
     kept_aside: bool
     """The final name held other bytes: this copy is in ``duplicates/``, the original stays."""
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        logger.exception("cannot remove spool temp file", extra={"path": str(path)})
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -274,20 +288,68 @@ class Spool:
     def _place(self, path: Path, encode: Callable[[BinaryIO], None]) -> Placed:
         target = self._check_inside_root(path)
         tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
-        size = self._atomic_write(tmp, encode)
         try:
-            try:
-                os.link(tmp, target)  # fails atomically when the name exists
-            except FileExistsError:
-                return self._settle_collision(tmp, target, size)
-            _fsync_dir(target.parent)
-            return Placed(path=target, size=size, created=True, kept_aside=False)
+            self._make_dirs(target.parent)
+            with open(tmp, "xb") as fh:
+                encode(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+                size = fh.tell()
+            return self._link_into_place(tmp, target, size)
+        except Exception as exc:
+            raise SpoolError(
+                f"cannot place {target}: {exc}", path=target, out_of_space=_is_out_of_space(exc)
+            ) from exc
+        finally:
+            _unlink_quietly(tmp)
+
+    def open_incoming(self, file_meta: FileMetaDataset) -> IncomingFile:
+        """Start a PS3.10 file whose data set bytes will be appended as they arrive.
+
+        The file is a temporary one in the root (removed by :meth:`sweep_temp_files` if a
+        crash leaves it); :meth:`place_incoming` gives it its final name.
+
+        Raises
+        ------
+        OSError
+            When the file cannot be created (nothing is left behind).
+        """
+        header = DicomBytesIO()
+        header.write(_PREAMBLE)
+        write_file_meta_info(header, file_meta, enforce_standard=True)
+        tmp = self.root / f"{INCOMING_PREFIX}{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        return IncomingFile(tmp, header.getvalue())
+
+    def place_incoming(self, incoming: IncomingFile, path: Path) -> Placed:
+        """Make ``incoming`` durable and place it at ``path`` (never replacing a file there).
+
+        The same guarantees as :meth:`place_encoded`; the temporary name is removed.
+
+        Raises
+        ------
+        SpoolError
+            On a write error met while receiving, or any I/O error now.
+        """
+        target = self._check_inside_root(path)
+        try:
+            incoming.sync()
+            self._make_dirs(target.parent)
+            return self._link_into_place(incoming.path, target, incoming.size)
         except OSError as exc:
             raise SpoolError(
                 f"cannot place {target}: {exc}", path=target, out_of_space=_is_out_of_space(exc)
             ) from exc
         finally:
-            tmp.unlink(missing_ok=True)
+            _unlink_quietly(incoming.path)
+
+    def _link_into_place(self, tmp: Path, target: Path, size: int) -> Placed:
+        """Link the durable ``tmp`` at ``target`` (one directory fsync), or settle a collision."""
+        try:
+            os.link(tmp, target)  # fails atomically when the name exists
+        except FileExistsError:
+            return self._settle_collision(tmp, target, size)
+        _fsync_dir(target.parent)
+        return Placed(path=target, size=size, created=True, kept_aside=False)
 
     def _settle_collision(self, tmp: Path, target: Path, size: int) -> Placed:
         if filecmp.cmp(tmp, target, shallow=False):

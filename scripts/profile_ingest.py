@@ -1,0 +1,149 @@
+#!/usr/bin/env python
+"""Where the time of one C-STORE goes in radflag's listener (a measurement, not a test).
+
+Starts ``radflag serve``'s listener as shipped (SQLite database, no models) on 127.0.0.1,
+sends N x 2048^2 16-bit DX images with DCMTK ``storescu`` (``TCP_NODELAY=1``) over one
+association, and wraps the functions of each stage with wall-clock counters:
+
+- socket receive (``WireSocket.recv``), PDU decode (non-P-DATA PDUs only), DIMSE reassembly
+  (``DIMSEMessage.decode_msg``), of which the file writes -- pynetdicom's reader thread;
+- data set parse, file fsync, directory fsync, sink (database commit) and response send --
+  the association thread, inside the C-STORE handler.
+
+Stages run in two threads, so they can overlap; the table also gives the wall time per image.
+
+Usage (from the repository root)::
+
+    .venv/bin/python scripts/profile_ingest.py --images 50 --port 21100
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pynetdicom import dimse_messages, dul, transport  # noqa: E402
+
+import daemon.sink  # noqa: E402
+import dicom_io.incoming  # noqa: E402
+import dicom_io.scp  # noqa: E402
+import dicom_io.spool  # noqa: E402
+import dicom_io.wire  # noqa: E402
+from daemon.app import Radflag  # noqa: E402
+from daemon.settings import Settings  # noqa: E402
+from scripts.bench_ingest import make_images  # noqa: E402
+from tests.peers.dcmtk import STORESCU  # noqa: E402
+
+_totals: dict[str, float] = defaultdict(float)
+_counts: dict[str, int] = defaultdict(int)
+_lock = threading.Lock()
+
+
+def _timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            elapsed = time.perf_counter() - start
+            with _lock:
+                _totals[name] += elapsed
+                _counts[name] += 1
+
+    return wrapper
+
+
+@contextmanager
+def instrumented() -> Iterator[None]:
+    """Wrap the stage functions (restored on exit)."""
+    patches: list[tuple[Any, str, Any]] = [
+        (dicom_io.wire.WireSocket, "recv", "socket receive"),
+        (dicom_io.incoming.IncomingFile, "write", "file write while receiving"),
+        (dicom_io.spool.Spool, "place_incoming", "spool place (fsyncs + link)"),
+        (dul.DULServiceProvider, "_decode_pdu", "PDU decode"),
+        (dimse_messages.DIMSEMessage, "decode_msg", "DIMSE reassembly"),
+        (dicom_io.scp, "handle_store", "C-STORE handler (all below)"),
+        (dicom_io.wire, "read_data_set", "data set parse (no pixels)"),
+        (dicom_io.incoming.IncomingFile, "sync", "file fsync"),
+        (dicom_io.spool, "_fsync_dir", "directory fsync"),
+        (daemon.sink.DatabaseSink, "store", "sink: database commit"),
+        (transport.AssociationSocket, "send", "socket send (response)"),
+    ]
+    originals = []
+    for owner, attr, name in patches:
+        original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+        originals.append((owner, attr, original))
+        setattr(owner, attr, _timed(name, original))
+    try:
+        yield
+    finally:
+        for owner, attr, original in reversed(originals):
+            setattr(owner, attr, original)
+
+
+def main() -> int:
+    """Run and print the per-stage table."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=50)
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--port", type=int, default=21100)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="radflag-profile-"))
+    try:
+        files = make_images(work / "images", args.images, args.size)
+        settings = Settings.model_validate(
+            {
+                "listener": {"ae_title": "RADFLAG", "host": "127.0.0.1", "port": args.port},
+                "storage": {"spool_dir": str(work / "spool"), "results_dir": str(work / "res")},
+                "database": {"url": f"sqlite:///{work / 'radflag.db'}"},
+                "completion": {"quiet_period_s": 86400},
+                "privacy": {"pseudonym_key": "profile"},
+                "logging": {"level": "WARNING"},
+            }
+        )
+        with instrumented():
+            app = Radflag(settings, models=[])
+            app.start()
+            try:
+                argv = [str(STORESCU), "-aec", "RADFLAG", "127.0.0.1", str(args.port)]
+                env = {**os.environ, "TCP_NODELAY": "1"}
+                start = time.perf_counter()
+                subprocess.run([*argv, *map(str, files)], check=True, env=env, timeout=600)
+                wall = time.perf_counter() - start
+            finally:
+                app.stop()
+        n = args.images
+        print(
+            f"{n} images of {args.size}^2, one association: {wall:.2f} s, "
+            f"{n / wall:.1f} images/s, {wall / n * 1000:.1f} ms per image\n"
+        )
+        print("| stage | calls per image | ms per image | % of wall |")
+        print("|---|---:|---:|---:|")
+        for name, total in _totals.items():
+            print(
+                f"| {name} | {_counts[name] / n:.1f} | {total / n * 1000:.2f} "
+                f"| {total / wall * 100:.0f} |"
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
