@@ -58,6 +58,7 @@ from scripts.bench.table import SR_ONLY, SR_SC, Figures, ratios, render  # noqa:
 from tests.peers.netns import NetNamespace  # noqa: E402
 
 SECTIONS = ("bare", "e2e", "latency", "memory", "ingest")
+VARIANTS = ("sr", "srsc", "multi")
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -71,10 +72,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--sections", default=",".join(SECTIONS), help="comma list of " + "/".join(SECTIONS)
     )
+    p.add_argument(
+        "--variants", default=",".join(VARIANTS), help="e2e runs: comma list of sr/srsc/multi"
+    )
     p.add_argument("--studies", type=int, default=200, help="1-image studies for bare and e2e")
     p.add_argument("--size", type=_shape, default=(2500, 2048), help="DX rows x columns")
     p.add_argument("--distinct", type=int, default=24, help="distinct source radiographs")
-    p.add_argument("--multi", type=int, default=10, help="images per study, multi variant (0: off)")
+    p.add_argument("--multi", type=int, default=10, help="images per study, multi variant")
     p.add_argument("--probes", type=int, default=20, help="latency probes (1-image studies)")
     p.add_argument("--queue", type=int, default=100, help="studies queued ahead of the probes")
     p.add_argument("--images", type=int, default=500, help="images of the memory study")
@@ -91,9 +95,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(args.sections) - set(SECTIONS)
+    args.variants = [s.strip() for s in args.variants.split(",") if s.strip()]
+    unknown = set(args.sections) - set(SECTIONS) | set(args.variants) - set(VARIANTS)
     if unknown:
-        p.error(f"unknown sections: {sorted(unknown)}")
+        p.error(f"unknown sections or variants: {sorted(unknown)}")
     return args
 
 
@@ -108,7 +113,7 @@ def conditions(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str
         f"{args.size[1]} Explicit VR LE ({args.distinct} distinct sources, new UIDs each)",
         f"serve: {ServeOptions(quiet_period_s=args.quiet_period).describe()}",
         "e2e: dcmsend, one association, first byte sent -> mtime of the last result file "
-        "written by storescp +B -pdu 131072 (the PACS); latency: end of the probe's dcmsend "
+        "written by storescp +B -pdu 131072 --fork (the PACS); latency: end of the probe's dcmsend "
         "-> mtime of its SR at the PACS",
         "DCMTK and Orthanc processes run with TCP_NODELAY=1",
     ]
@@ -129,7 +134,7 @@ class Run:
     def writer(self) -> StudyWriter:
         """Realistic-size studies (renditions made on first use)."""
         if self._writer is None:
-            print(f"rendering {self.args.distinct} sources at {self.args.size}", flush=True)
+            say(f"rendering {self.args.distinct} sources at {self.args.size}")
             rend = render_sources(self.bundle, self.args.distinct, self.args.size, self.args.data)
             self._writer = StudyWriter(rend, self.work / "studies")
         return self._writer
@@ -137,7 +142,7 @@ class Run:
     def stack(self, ns: NetNamespace, name: str, outputs: tuple[str, ...]) -> Stack:
         """Start a serve stack (caller stops it)."""
         opts = ServeOptions(outputs=outputs, quiet_period_s=self.args.quiet_period)
-        print(f"starting radflag serve ({name})", flush=True)
+        say(f"starting radflag serve ({name})")
         return Stack(ns, self.work / name, self.ports, opts)
 
     def serve_sections(self, ns: NetNamespace, want: set[str]) -> None:
@@ -151,15 +156,15 @@ class Run:
             cleanup.callback(sampler.stop)
             if "memory" in want:
                 self.memory(st, sampler, a.memory_size, (max(1, a.images // 10), a.images))
-            if "e2e" in want:
+            if "e2e" in want and "sr" in a.variants:
                 self.e2e(st, SR_ONLY, self.writer().studies("tput", a.studies))
             if "latency" in want:
                 self.latency(st)
-            if "e2e" in want and a.multi > 1:
+            if "e2e" in want and "multi" in a.variants and a.multi > 1:
                 n = max(1, a.studies // a.multi)
                 label = f"SR only, {a.multi}-image studies"
                 self.e2e(st, label, self.writer().studies("multi", n, a.multi))
-        if "e2e" in want:
+        if "e2e" in want and "srsc" in a.variants:
             with contextlib.ExitStack() as cleanup:
                 st = self.stack(ns, "serve-srsc", ("SR", "SC"))
                 cleanup.callback(st.stop)
@@ -176,7 +181,7 @@ class Run:
 
     def e2e(self, st: Stack, label: str, studies: list[list[Path]]) -> None:
         """One throughput run; its files are removed afterwards."""
-        print(f"e2e {label}: {len(studies)} studies", flush=True)
+        say(f"e2e {label}: {len(studies)} studies")
         self.figures.e2e.append(throughput(st, label, studies, self.deadline))
         _remove(flatten(studies))
 
@@ -184,12 +189,12 @@ class Run:
         """Idle probes, then probes behind a queue."""
         a, w = self.args, self.writer()
         self.figures.quiet_period_s = a.quiet_period
-        print(f"latency: {a.probes} idle probes", flush=True)
+        say(f"latency: {a.probes} idle probes")
         probes = w.studies("probes", a.probes)
         self.figures.latency_idle = latency(st, probes, [], self.deadline)
         _remove(flatten(probes))
         if a.queue > 0:
-            print(f"latency: {a.probes} probes behind {a.queue} studies", flush=True)
+            say(f"latency: {a.probes} probes behind {a.queue} studies")
             ahead, probes = w.studies("ahead", a.queue), w.studies("probes-q", a.probes)
             self.figures.queued_ahead = a.queue
             self.figures.latency_queued = latency(st, probes, ahead, self.deadline)
@@ -208,7 +213,7 @@ class Run:
             rend = render_sources(self.bundle, self.args.distinct, shape, self.args.data)
             writer = StudyWriter(rend, self.work / f"studies-{shape[0]}x{shape[1]}")
         for n in sizes:
-            print(f"memory: one {n}-image study of {shape[0]}x{shape[1]}", flush=True)
+            say(f"memory: one {n}-image study of {shape[0]}x{shape[1]}")
             study = writer.studies(f"mem{n}", 1, n)[0]
             self.figures.memory.append(peak_memory(st, sampler, study, shape, self.deadline))
             _remove(study)
@@ -218,7 +223,7 @@ class Run:
         want = set(self.args.sections)
         if "bare" in want:
             files = flatten(self.writer().studies("bare", self.args.studies))
-            print(f"bare model: {len(files)} images", flush=True)
+            say(f"bare model: {len(files)} images")
             self.figures.bare = bare_throughput(files, self.bundle)
             _remove(files)
         if want & {"e2e", "latency", "memory"}:
@@ -226,10 +231,18 @@ class Run:
                 self.serve_sections(ns, want)
         if "ingest" in want:
             a = self.args
-            print(f"ingest: {a.ingest_images} x {a.ingest_size}^2", flush=True)
+            say(f"ingest: {a.ingest_images} x {a.ingest_size}^2")
             self.figures.ingest = run_ingest(
                 a.ingest_images, a.ingest_size, a.associations, self.work, self.deadline
             )
+
+
+_T0 = time.monotonic()
+
+
+def say(text: str) -> None:
+    """Print a progress line with the seconds since start."""
+    print(f"[{time.monotonic() - _T0:6.0f} s] {text}")
 
 
 def _remove(files: Sequence[Path]) -> None:

@@ -2,7 +2,7 @@
 
 Uses ``scripts/bench_ingest.py`` as it is (its images, its Orthanc and radflag receivers,
 its :class:`Row`) and adds what it lacks: the DCMTK ``storescp`` baseline tuned as its users
-would run it (bit-preserving ``+B``, 128 KiB PDU) and several parallel associations (the
+would run it (bit-preserving ``+B``, 128 KiB PDU, ``--fork``) and parallel associations (the
 files split into contiguous chunks, one ``storescu`` per chunk, started together). Every
 DCMTK/Orthanc process gets ``TCP_NODELAY=1`` from the caller's environment
 (:func:`nodelay`). Receivers store durably as they do by default; radflag is its full
@@ -33,7 +33,7 @@ from scripts.bench_ingest import (
 from tests.peers.dcmtk import STORESCU, StoreSCP
 from tests.peers.netns import NetNamespace
 
-TUNED_STORESCP = "storescp +B -pdu 131072"
+TUNED_STORESCP = "storescp +B -pdu 131072 --fork"
 
 
 @contextmanager
@@ -52,9 +52,16 @@ def nodelay() -> Iterator[None]:
 
 @contextmanager
 def tuned_dcmtk_target(ns: NetNamespace, work: Path) -> Iterator[Target]:
-    """DCMTK ``storescp`` writing received data sets bit-preserved (``+B``), 128 KiB PDU."""
+    """DCMTK ``storescp`` tuned as its users run it.
+
+    Data sets written as received (``+B``), 128 KiB PDU, one process per association
+    (``--fork``) so parallel associations are served in parallel.
+    """
     scp = StoreSCP(
-        work / "storescp", ns=ns, aet="STORESCP", extra_args=["+B", "-pdu", str(MAX_PDU_BYTES)]
+        work / "storescp",
+        ns=ns,
+        aet="STORESCP",
+        extra_args=["+B", "-pdu", str(MAX_PDU_BYTES), "--fork"],
     )
     with scp:
         yield Target(TUNED_STORESCP, "STORESCP", scp.port, lambda: len(scp.files()))
@@ -111,7 +118,7 @@ def measure_target(
             if stored != len(files):
                 raise RuntimeError(f"{target.name} stored {stored} of {len(files)}")
             mode = f"{associations} association{'s' if associations > 1 else ''}"
-            print(f"  ingest {target.name:24s} {mode:15s} {seconds:7.2f} s", flush=True)
+            print(f"         ingest {target.name:32s} {mode:15s} {seconds:7.2f} s", flush=True)
             return Row(target.name, mode, len(files), seconds, mbytes)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,7 +1,7 @@
 """A running ``radflag serve`` with a DCMTK ``storescp`` as its PACS, in one network namespace.
 
 Everything lives in a private :class:`~tests.peers.netns.NetNamespace` (``storescp`` cannot
-bind to loopback only): the PACS (``storescp +B -pdu 131072``), the ``radflag serve``
+bind to loopback only): the PACS (``storescp +B -pdu 131072 --fork``), the ``radflag serve``
 process (SQLite, short timers, see :func:`write_config`) and the senders (``dcmsend``).
 Received result objects are the files in the PACS's output folder; their modification time
 is when ``storescp`` wrote their last byte. A :class:`MemorySampler` follows the resident
@@ -249,7 +249,7 @@ class Stack:
             ns=ns,
             port=ports.take(),
             aet=PACS_AET,
-            extra_args=["+B", "-pdu", str(MAX_PDU_BYTES)],
+            extra_args=["+B", "-pdu", str(MAX_PDU_BYTES), "--fork"],
         )
         self.log_path = work / "radflag-serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
