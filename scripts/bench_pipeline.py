@@ -33,17 +33,19 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from model.bundle import Bundle, default_bundle_path, load_bundle  # noqa: E402
-from scripts.bench.corpus import StudyWriter, flatten, render_sources  # noqa: E402
+from scripts.bench.corpus import StudyWriter, flatten, keep_applicable, render_sources  # noqa: E402
 from scripts.bench.ingest import nodelay, run_ingest  # noqa: E402
 from scripts.bench.sections import bare_throughput, latency, peak_memory, throughput  # noqa: E402
 from scripts.bench.stack import (  # noqa: E402
@@ -134,10 +136,22 @@ class Run:
     def writer(self) -> StudyWriter:
         """Realistic-size studies (renditions made on first use)."""
         if self._writer is None:
-            say(f"rendering {self.args.distinct} sources at {self.args.size}")
-            rend = render_sources(self.bundle, self.args.distinct, self.args.size, self.args.data)
-            self._writer = StudyWriter(rend, self.work / "studies")
+            self._writer = self.make_writer(self.args.size, self.work / "studies")
         return self._writer
+
+    def make_writer(self, shape: tuple[int, int], folder: Path) -> StudyWriter:
+        """Render ``--distinct`` sources at ``shape``; keep those the gate accepts."""
+        say(f"rendering {self.args.distinct} sources at {shape[0]}x{shape[1]}")
+        rendered = render_sources(self.bundle, self.args.distinct, shape, self.args.data)
+        kept = keep_applicable(self.bundle, rendered)
+        if not kept:
+            raise RuntimeError("the applicability gate refuses every rendered source")
+        self.figures.conditions.append(
+            f"sources at {shape[0]}x{shape[1]}: {len(kept)} used, "
+            f"{len(rendered) - len(kept)} refused by the applicability gate and left out "
+            "(their studies would get no SR)"
+        )
+        return StudyWriter(kept, folder)
 
     def stack(self, ns: NetNamespace, name: str, outputs: tuple[str, ...]) -> Stack:
         """Start a serve stack (caller stops it)."""
@@ -182,7 +196,9 @@ class Run:
     def e2e(self, st: Stack, label: str, studies: list[list[Path]]) -> None:
         """One throughput run; its files are removed afterwards."""
         say(f"e2e {label}: {len(studies)} studies")
-        self.figures.e2e.append(throughput(st, label, studies, self.deadline))
+        run = throughput(st, label, studies, self.deadline)
+        self.figures.e2e.append(run)
+        say(f"  {run.studies_per_s:.3f} studies/s, {run.received}/{run.expected} results")
         _remove(flatten(studies))
 
     def latency(self, st: Stack) -> None:
@@ -192,12 +208,14 @@ class Run:
         say(f"latency: {a.probes} idle probes")
         probes = w.studies("probes", a.probes)
         self.figures.latency_idle = latency(st, probes, [], self.deadline)
+        say(f"  idle latencies (s): {[round(v, 2) for v in self.figures.latency_idle]}")
         _remove(flatten(probes))
         if a.queue > 0:
             say(f"latency: {a.probes} probes behind {a.queue} studies")
             ahead, probes = w.studies("ahead", a.queue), w.studies("probes-q", a.probes)
             self.figures.queued_ahead = a.queue
             self.figures.latency_queued = latency(st, probes, ahead, self.deadline)
+            say(f"  queued latencies (s): {[round(v, 2) for v in self.figures.latency_queued]}")
             _remove(flatten(ahead) + flatten(probes))
 
     def memory(
@@ -210,12 +228,13 @@ class Run:
     ) -> None:
         """One study of each size in ``sizes`` (ascending: the high-water mark only rises)."""
         if writer is None:
-            rend = render_sources(self.bundle, self.args.distinct, shape, self.args.data)
-            writer = StudyWriter(rend, self.work / f"studies-{shape[0]}x{shape[1]}")
+            writer = self.make_writer(shape, self.work / f"studies-{shape[0]}x{shape[1]}")
         for n in sizes:
             say(f"memory: one {n}-image study of {shape[0]}x{shape[1]}")
             study = writer.studies(f"mem{n}", 1, n)[0]
-            self.figures.memory.append(peak_memory(st, sampler, study, shape, self.deadline))
+            mem = peak_memory(st, sampler, study, shape, self.deadline)
+            self.figures.memory.append(mem)
+            say(f"  serve VmHWM {mem.serve_hwm_mb:.0f} MiB, capped: {mem.capped}")
             _remove(study)
 
     def run(self) -> None:
@@ -225,6 +244,7 @@ class Run:
             files = flatten(self.writer().studies("bare", self.args.studies))
             say(f"bare model: {len(files)} images")
             self.figures.bare = bare_throughput(files, self.bundle)
+            say(f"  {self.figures.bare.images_per_s:.3f} images/s")
             _remove(files)
         if want & {"e2e", "latency", "memory"}:
             with NetNamespace(max_lifetime_s=self.deadline.left() + 120) as ns:
@@ -250,6 +270,10 @@ def _remove(files: Sequence[Path]) -> None:
         f.unlink(missing_ok=True)
 
 
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print the table; exit 1 when a section failed."""
     args = parse_args(argv)
@@ -257,11 +281,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="radflag-bench-pipeline-"))
     print(f"work folder: {work}", flush=True)
     started = time.monotonic()
+    signal.signal(signal.SIGTERM, _interrupt)  # clean up (children, temp folder) when stopped
+    signal.signal(signal.SIGINT, _interrupt)  # also when started in the background
     try:
         with nodelay():
             Run(args, work, figures).run()
     except (BenchTimeout, RuntimeError, OSError, ValueError) as exc:
         figures.errors.append(f"{type(exc).__name__}: {exc}")
+    except KeyboardInterrupt:
+        figures.errors.append("interrupted: the table holds the sections finished so far")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     figures.conditions.append(

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from pydicom.uid import generate_uid
 
-from daemon.renditions import to_dataset
+from daemon.renditions import read_through_dicom, to_dataset
 from model.bundle import Bundle
 from model.evaluate import card_split
+from model.infer import Classifier, select_device
 from model.preprocess import load_image_file
 from model.renditions import Rendition, RenditionSpec, render
 
@@ -49,6 +50,18 @@ def render_sources(
     chosen = random.Random(0).sample(records, min(count, len(records)))
     spec = RenditionSpec(f"bench_dx12_{shape[0]}x{shape[1]}", 12, "narrow", shape=shape)
     return [render(load_image_file(r.path)[0], spec, seed=i) for i, r in enumerate(chosen)]
+
+
+def keep_applicable(bundle: Bundle, renditions: Sequence[Rendition]) -> list[Rendition]:
+    """Drop renditions the bundle's applicability gate refuses (they would get no SR).
+
+    A refused image makes its study NOT_APPLICABLE: no result reaches the PACS, so it could
+    neither end a throughput run nor give a latency. Read through the serving path
+    (:func:`daemon.renditions.read_through_dicom`).
+    """
+    clf = Classifier(bundle, device=select_device("auto"))
+    verdicts = clf.classify([read_through_dicom(r) for r in renditions])
+    return [r for r, v in zip(renditions, verdicts, strict=True) if v.not_applicable is None]
 
 
 @dataclass

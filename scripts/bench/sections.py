@@ -30,6 +30,7 @@ from scripts.bench.corpus import Study, flatten
 from scripts.bench.stack import Deadline, MemorySampler, Stack
 
 POLL_S = 0.05
+PROBE_TIMEOUT_S = 120.0
 PENDING_STATES = ("RECEIVING", "READY", "PROCESSING", "DELIVERING")
 
 
@@ -155,9 +156,10 @@ def latency(
 ) -> list[float]:
     """Latencies of 1-image ``probes``, sent one by one after ``ahead`` (one association).
 
-    Without ``ahead`` each probe waits for its result before the next is sent (an idle
-    radflag); with it, the probes are sent right behind the queued studies. Either way the
-    function returns once every study sent has its results (radflag is idle again).
+    Without ``ahead`` each probe waits for its result (at most ``PROBE_TIMEOUT_S``) before
+    the next is sent (an idle radflag); with it, the probes are sent right behind the queued
+    studies. Either way the function returns once every study sent has its results (radflag
+    is idle again). A probe without a result is missing from the list.
     """
     before = set(stack.received())
     if ahead:
@@ -166,16 +168,22 @@ def latency(
     for probe in probes:
         uid = _study_uid(probe)
         sent_at[uid] = stack.send(probe, deadline)[1]
-        while not ahead and uid not in _latencies(stack, {uid: 0.0}, before):
-            if not stack.alive():
-                raise RuntimeError(f"radflag serve died:\n{stack.log_tail()}")
-            deadline.left()
-            time.sleep(POLL_S)
         if not ahead:
+            _wait_for_study(stack, uid, before, deadline)
             time.sleep(0.5)
     expected = (len(ahead) + len(probes)) * len(stack.opts.outputs)
     wait_results(stack, expected, before, deadline)
     return sorted(_latencies(stack, sent_at, before).values())
+
+
+def _wait_for_study(stack: Stack, uid: str, before: set[Path], deadline: Deadline) -> None:
+    """Wait (bounded) until a result of study ``uid`` is at the PACS."""
+    end = time.monotonic() + PROBE_TIMEOUT_S
+    while uid not in _latencies(stack, {uid: 0.0}, before) and time.monotonic() < end:
+        if not stack.alive():
+            raise RuntimeError(f"radflag serve died:\n{stack.log_tail()}")
+        deadline.left()
+        time.sleep(POLL_S)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
