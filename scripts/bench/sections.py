@@ -64,14 +64,23 @@ def bare_throughput(files: Sequence[Path], bundle: Bundle, batch_size: int = 16)
     return Bare(len(files), time.perf_counter() - start, threads, batch_size, refused)
 
 
-def study_states(db: Path) -> dict[str, int]:
-    """Studies per state in the serve process's SQLite database (read-only)."""
+def study_states(db: Path) -> dict[str, int] | None:
+    """Studies per state in the serve process's SQLite database; None when it cannot be read.
+
+    Read-only; while radflag writes, SQLite may refuse the read (``database is locked``).
+    """
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
             rows = conn.execute("SELECT state, count(*) FROM studies GROUP BY state").fetchall()
     except sqlite3.Error:
-        return {}
+        return None
     return {str(state): int(n) for state, n in rows}
+
+
+def _nothing_pending(db: Path) -> bool:
+    """Return True when the database was read and no study is in a pending state."""
+    states = study_states(db)
+    return states is not None and not any(n for s, n in states.items() if s in PENDING_STATES)
 
 
 def wait_results(
@@ -79,8 +88,8 @@ def wait_results(
 ) -> list[Path]:
     """Wait until the PACS holds ``expected`` new files, or radflag has nothing left to send.
 
-    "Nothing left" is no study in a pending state and no new file for ``idle_s`` (the
-    shortfall then shows in the report). Returns the new files.
+    "Nothing left" is no new file for ``idle_s`` and, twice in a row (a second apart), no
+    study in a pending state (the shortfall then shows in the report). Returns the new files.
     """
     last_change, seen = time.monotonic(), 0
     while True:
@@ -91,10 +100,10 @@ def wait_results(
         if len(new) != seen:
             last_change, seen = time.monotonic(), len(new)
         quiet = time.monotonic() - last_change
-        if quiet > idle_s and not any(
-            n for s, n in study_states(stack.db_path).items() if s in PENDING_STATES
-        ):
-            return new
+        if quiet > idle_s and _nothing_pending(stack.db_path):
+            time.sleep(1.0)
+            if _nothing_pending(stack.db_path) and len(stack.received()) == len(before) + len(new):
+                return new
         if not stack.alive():
             raise RuntimeError(f"radflag serve died:\n{stack.log_tail()}")
         deadline.left()
