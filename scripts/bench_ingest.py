@@ -239,7 +239,7 @@ def measure(
 
 
 @contextmanager
-def _tcp_nodelay_env() -> Iterator[None]:
+def tcp_nodelay_env() -> Iterator[None]:
     """``TCP_NODELAY=1`` for every DCMTK tool and Orthanc started meanwhile (they read it)."""
     old = os.environ.get("TCP_NODELAY")
     os.environ["TCP_NODELAY"] = "1"
@@ -282,7 +282,7 @@ def run_ingest(
     """
     files = make_images(work / "images", n_images, size)
     rows: list[Row] = []
-    with _tcp_nodelay_env(), NetNamespace(max_lifetime_s=3600) as ns:
+    with tcp_nodelay_env(), NetNamespace(max_lifetime_s=3600) as ns:
         for name in targets:
             rows += measure(ns, TARGETS[name], files, work, associations)
     return rows

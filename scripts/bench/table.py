@@ -94,7 +94,7 @@ def _ingest_lines(f: Figures) -> list[str]:
         "| | | |"
         for r in f.ingest
     ]
-    tuned = next((t for t, _ in by if t.startswith("storescp")), None)
+    tuned = next((t for t, _ in by if "storescp" in t), None)
     rad4, ref4 = by.get(("radflag", "4 associations")), by.get((tuned or "", "4 associations"))
     if rad4 and ref4:
         r = rad4.images_per_s / ref4.images_per_s
