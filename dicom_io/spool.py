@@ -287,14 +287,9 @@ class Spool:
 
     def _place(self, path: Path, encode: Callable[[BinaryIO], None]) -> Placed:
         target = self._check_inside_root(path)
-        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+        tmp = _temp_name(target)
         try:
-            self._make_dirs(target.parent)
-            with open(tmp, "xb") as fh:
-                encode(fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-                size = fh.tell()
+            size = self._write_durable(tmp, encode)
             return self._link_into_place(tmp, target, size)
         except Exception as exc:
             raise SpoolError(
@@ -464,16 +459,20 @@ class Spool:
                 continue
             _fsync_dir(new_dir.parent)
 
+    def _write_durable(self, tmp: Path, encode: Callable[[BinaryIO], None]) -> int:
+        """Create ``tmp`` (exclusively), write it with ``encode``, fsync it; return its size."""
+        self._make_dirs(tmp.parent)
+        with open(tmp, "xb") as fh:
+            encode(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+            return fh.tell()
+
     def _atomic_write(self, path: Path, encode: Callable[[BinaryIO], None]) -> int:
         target = self._check_inside_root(path)
-        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+        tmp = _temp_name(target)
         try:
-            self._make_dirs(target.parent)
-            with open(tmp, "xb") as fh:
-                encode(fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-                size = fh.tell()
+            size = self._write_durable(tmp, encode)
             os.replace(tmp, target)
             _fsync_dir(target.parent)
         except Exception as exc:
@@ -486,3 +485,8 @@ class Spool:
                 f"cannot write {target}: {exc}", path=target, out_of_space=out_of_space
             ) from exc
         return size
+
+
+def _temp_name(target: Path) -> Path:
+    """Return a hidden, unique temporary name beside ``target`` (swept by ``TEMP_SUFFIX``)."""
+    return target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"

@@ -120,6 +120,19 @@ def test_p_data_item_lengths_that_do_not_fit_are_refused(tail: bytes) -> None:
         decode_p_data(bytearray(_pdv(1, 0x03, b"ok") + tail))
 
 
+def _store_request(ds: Dataset) -> C_STORE_RQ:
+    """Return a C-STORE-RQ (PS3.7 9.3.1.1) carrying ``ds`` in Explicit VR Little Endian."""
+    request = C_STORE_RQ()
+    request.command_set.MessageID = 1
+    request.command_set.AffectedSOPClassUID = ds.SOPClassUID
+    request.command_set.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.command_set.Priority = 0
+    request.command_set.CommandField = 0x0001
+    request.command_set.CommandDataSetType = 0x0000
+    request.data_set = BytesIO(encode(ds, False, True) or b"")
+    return request
+
+
 def _store_in_one_p_data(port: int, ds: Dataset) -> int:
     """C-STORE whose command and data set travel in ONE P-DATA-TF PDU (two PDVs)."""
     ae = AE(ae_title="MODALITY")
@@ -128,14 +141,7 @@ def _store_in_one_p_data(port: int, ds: Dataset) -> int:
     assert assoc.is_established
     try:
         context = assoc.accepted_contexts[0]
-        request = C_STORE_RQ()
-        request.command_set.MessageID = 1
-        request.command_set.AffectedSOPClassUID = ds.SOPClassUID
-        request.command_set.AffectedSOPInstanceUID = ds.SOPInstanceUID
-        request.command_set.Priority = 0
-        request.command_set.CommandField = 0x0001
-        request.command_set.CommandDataSetType = 0x0000
-        request.data_set = BytesIO(encode(ds, False, True) or b"")
+        request = _store_request(ds)
         merged = P_DATA()
         for primitive in request.encode_msg(int(context.context_id or 1), 0):
             merged.presentation_data_value_list.extend(primitive.presentation_data_value_list)
@@ -178,14 +184,7 @@ def test_a_transfer_cut_short_leaves_no_file(running_listener: RunningListener) 
     assoc = ae.associate("127.0.0.1", running_listener.port, ae_title=SCP_AE)
     assert assoc.is_established
     context = assoc.accepted_contexts[0]
-    request = C_STORE_RQ()
-    request.command_set.MessageID = 1
-    request.command_set.AffectedSOPClassUID = ds.SOPClassUID
-    request.command_set.AffectedSOPInstanceUID = ds.SOPInstanceUID
-    request.command_set.Priority = 0
-    request.command_set.CommandField = 0x0001
-    request.command_set.CommandDataSetType = 0x0000
-    request.data_set = BytesIO(encode(ds, False, True) or b"")
+    request = _store_request(ds)
     primitives = list(request.encode_msg(int(context.context_id or 1), 16384))
     for primitive in primitives[: len(primitives) // 2]:
         assoc.dul.send_pdu(primitive)
