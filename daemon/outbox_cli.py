@@ -32,9 +32,7 @@ def register(sub: Any) -> None:
     )
     lst.add_argument("--study", metavar="STUDY_UID", help="only this study")
     lst.add_argument("--limit", type=int, default=100, help="most entries shown (100)")
-    lst.add_argument(
-        "--format", choices=["table", "json"], default="table", help="output format"
-    )
+    lst.add_argument("--format", choices=["table", "json"], default="table", help="output format")
     lst.set_defaults(func=_cmd_list)
 
     retry = with_config(outbox_sub.add_parser("retry", help="send DEAD entries again"))

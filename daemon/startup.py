@@ -181,6 +181,7 @@ def load_bundles(settings: Settings) -> list[LoadedModel]:
         raise StartupError("models.bundles", f"no model bundle at {missing[0]}")
     from daemon.models import load_models
     from model.bundle import BundleError
+
     try:
         worker = settings.worker
         return load_models(

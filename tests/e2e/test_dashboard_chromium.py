@@ -162,8 +162,14 @@ def test_dashboard_in_headless_chromium(
     assert "content" not in dom.hidden_ids and "login" in dom.hidden_ids
     rows = dom.rows["studies"]
     assert rows[0][:8] == [
-        "Study Instance UID", "Accession", "Study date", "State", "Finding", "Probability",
-        "Threshold", "Delivered",
+        "Study Instance UID",
+        "Accession",
+        "Study date",
+        "State",
+        "Finding",
+        "Probability",
+        "Threshold",
+        "Delivered",
     ]
     shown = {r[0]: r for r in rows[1:]}  # full UIDs, pasteable into `radflag studies show`
     assert set(shown) == {s["study_instance_uid"] for s in studies}
