@@ -317,34 +317,71 @@ def register(
         "--data", type=Path, required=True, help="folder with labels.csv or class folders"
     )
     t.add_argument("--arch", default="resnet10t", help="timm architecture name")
-    t.add_argument("--epochs", type=int, default=12)
-    t.add_argument("--input-size", type=int, default=160)
-    t.add_argument("--channels", type=int, default=1, choices=(1, 3))
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--val-fraction", type=float, default=0.15)
-    t.add_argument("--test-fraction", type=float, default=0.10)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--epochs", type=int, default=12, help="maximum number of epochs")
+    t.add_argument(
+        "--input-size", type=int, default=160, help="model input side in pixels (square)"
+    )
+    t.add_argument(
+        "--channels", type=int, default=1, choices=(1, 3), help="input channels (greyscale: 1)"
+    )
+    t.add_argument("--batch-size", type=int, default=32, help="images per optimiser step")
+    t.add_argument(
+        "--lr", type=float, default=2e-3, help="peak AdamW learning rate (warm-up, cosine decay)"
+    )
+    t.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.15,
+        help="fraction of patients held out for validation (early stopping, threshold)",
+    )
+    t.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.10,
+        help="fraction of patients held out for the test metrics (never used to train)",
+    )
+    t.add_argument(
+        "--seed", type=int, default=0, help="seed of the patient split, shuffling and init"
+    )
     t.add_argument("--patience", type=int, default=4, help="early stopping on validation AUC")
-    t.add_argument("--target-sensitivity", type=float, default=0.95)
-    t.add_argument("--positive-class", default="pneumonia")
-    t.add_argument("--out", type=Path, default=Path("bundle"))
-    t.add_argument("--name", default="radflag-pneumonia")
-    t.add_argument("--version", default="0.1.0")
+    t.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=0.95,
+        help="threshold: highest one reaching this validation sensitivity",
+    )
+    t.add_argument("--positive-class", default="pneumonia", help="label of the positive class")
+    t.add_argument("--out", type=Path, default=Path("bundle"), help="bundle folder to write")
+    t.add_argument("--name", default="radflag-pneumonia", help="bundle name in the card")
+    t.add_argument("--version", default="0.1.0", help="bundle version in the card")
     t.add_argument("--limit", type=int, default=None, help="use only N images (smoke runs)")
     t.add_argument("--resume", type=Path, default=None, help="checkpoint.pt to continue from")
     t.add_argument(
         "--stop-after", type=int, default=None, help="run at most N epochs now (resume later)"
     )
-    t.add_argument("--checkpoint-dir", type=Path, default=None)
-    t.add_argument("--weights-dtype", default="float32", choices=("float32", "float16"))
-    t.add_argument("--modalities", default="CR,DX")
-    t.add_argument("--finding-scheme", default="SCT")
-    t.add_argument("--finding-value", default="233604007")
-    t.add_argument("--finding-meaning", default="Pneumonia")
-    t.add_argument("--description", default="")
-    t.add_argument("--limitations", default="")
-    t.add_argument("--data-attribution", default="")
+    t.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="write checkpoint.pt here after every epoch (for --resume)",
+    )
+    t.add_argument(
+        "--weights-dtype",
+        default="float32",
+        choices=("float32", "float16"),
+        help="dtype of the stored weights",
+    )
+    t.add_argument("--modalities", default="CR,DX", help="comma-separated DICOM modalities served")
+    t.add_argument("--finding-scheme", default="SCT", help="coding scheme of the finding (SR code)")
+    t.add_argument("--finding-value", default="233604007", help="code value of the finding")
+    t.add_argument("--finding-meaning", default="Pneumonia", help="code meaning of the finding")
+    t.add_argument("--description", default="", help="model card: what the model does")
+    t.add_argument(
+        "--limitations", default="", help="model card: known limitations and intended use"
+    )
+    t.add_argument(
+        "--data-attribution", default="", help="model card: citation and licence of the data"
+    )
     t.add_argument(
         "--exclude",
         action="append",
@@ -363,7 +400,7 @@ def register(
     t.add_argument(
         "--finetune-lr-scale", type=float, default=0.1, help="phase 2 LR factor with --init"
     )
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("evaluate", help="evaluate a bundle on labelled images")
@@ -380,7 +417,12 @@ def register(
         default=None,
         help="rebuild this partition of the patient-level split recorded in the card",
     )
-    e.add_argument("--exclude", action="append", metavar="COLUMN=VALUE")
+    e.add_argument(
+        "--exclude",
+        action="append",
+        metavar="COLUMN=VALUE",
+        help="leave out labels.csv rows with this value (repeatable), e.g. view=L",
+    )
     e.add_argument("--json", type=Path, default=None, help="write all metrics as JSON here")
     e.add_argument("--plots", type=Path, default=None, help="write ROC/PR/calibration PNGs here")
     e.add_argument(
@@ -391,7 +433,7 @@ def register(
         "and write it into the bundle's card (weights unchanged)",
     )
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: none)")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.add_argument(
         "--renditions",
         action="store_true",
