@@ -212,21 +212,25 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit_gate(args: argparse.Namespace) -> int:
-    from model.bundle import BundleError, default_bundle_path, load_bundle
-    from model.finalize import default_data, fit_bundle_gate
+    from model.bundle import BundleError, default_bundle_path
+    from model.data import read_dataset
+    from model.finalize import default_data, fit_bundle_gate, load_for_gate_fitting, portable
 
     try:
-        bundle = load_bundle(args.bundle or default_bundle_path())
-        train, val, test = (
-            _split_records(args, bundle, s) for s in ("train", "validation", "test")
+        bundle = load_for_gate_fitting(args.bundle or default_bundle_path())
+        splits = {s: _split_records(args, bundle, s) for s in ("train", "validation", "test")}
+        extra = (
+            read_dataset(args.extra, _parse_excludes(args.extra_exclude) or None)
+            if args.extra is not None
+            else None
         )
         bundle = fit_bundle_gate(
             bundle,
-            train,
-            val,
-            test,
+            splits,
             source=default_data(bundle, args.labels),
-            quantile=args.quantile,
+            extra=extra,
+            extra_source=portable(args.extra) if args.extra is not None else "",
+            margin=args.margin,
         )
     except (BundleError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -263,8 +267,8 @@ def format_card(card_dict: dict[str, Any]) -> str:
     if gate:
         frr = gate.get("false_rejection", {})
         lines.append(
-            f"  applicability gate: distance <= {gate.get('threshold', float('nan')):.3f}, "
-            f"contrast >= {gate.get('contrast_threshold', float('nan')):.3f}; FRR "
+            "  applicability gate: "
+            + f"{gate.get('method', '')}; FRR "
             + ", ".join(f"{k} {v['false_rejection_rate']:.4f}" for k, v in frr.items())
         )
     training = card_dict.get("training", {})
@@ -457,7 +461,25 @@ def register(
     g = sub.add_parser("fit-gate", help="fit the not-a-chest-radiograph applicability gate")
     g.add_argument("--bundle", type=Path, default=None, help="default: the shipped bundle")
     g.add_argument("--labels", type=Path, default=None, help="where the training data now is")
-    g.add_argument("--quantile", type=float, default=0.995, help="validation distance quantile")
+    g.add_argument(
+        "--extra",
+        type=Path,
+        default=None,
+        help="more frontal chest radiographs (labels.csv dataset, e.g. adults): split by "
+        "patient into fit / calibration / held-out parts",
+    )
+    g.add_argument(
+        "--extra-exclude",
+        action="append",
+        metavar="COLUMN=VALUE",
+        help="leave out --extra rows with this value (repeatable), e.g. view=L",
+    )
+    g.add_argument(
+        "--margin",
+        type=float,
+        default=0.0,
+        help="thresholds = largest calibration distance x (1 + margin)",
+    )
     g.set_defaults(func=_cmd_fit_gate)
 
     i = sub.add_parser("info", help="print a bundle's model card")
