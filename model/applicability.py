@@ -14,8 +14,9 @@ Each distance is a Mahalanobis distance (covariance shrunk towards its diagonal)
 its threshold, the largest distance among held-out calibration chest radiographs (times a
 margin): ratios above 1 are not applicable. A third rule catches frontal chest radiographs
 served upside down or with inverted grey scale (a wrong Photometric Interpretation): when
-the flipped or negated layout fits the chest model far better than the image's own, the
-image is refused with that reason. See ``docs/models/applicability.md``.
+its features are those of a chest radiograph and the flipped or negated layout fits the
+chest model far better than the image's own, the image is refused with that reason.
+Measurements: ``docs/models/applicability.md``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ METHOD = (
 LAYOUT_GRID = 8
 LAYOUT_DIM = LAYOUT_GRID * LAYOUT_GRID
 DEFAULT_SHRINKAGE = 0.1
-DEFAULT_MARGIN = 0.0
+DEFAULT_MARGIN = 0.01  # float rounding and batch composition move distances by ~1e-6
 DEFAULT_ORIENTATION_SLACK = 0.9
 
 FloatArray = npt.NDArray[np.float64]
@@ -169,9 +170,11 @@ class ApplicabilityGate:
         """
         feats, layout = self._split(rows)
         own = self.layout.ratios(layout)
+        features = self.features.ratios(feats)
         best = np.min([self.layout.ratios(v) for v in _alternatives(layout).values()], axis=0)
-        better = np.where(best <= 1.0, self.orientation_slack * own / np.maximum(best, 1e-9), 0.0)
-        return {"features": self.features.ratios(feats), "layout": own, "orientation": better}
+        chest_like = (best <= 1.0) & (features <= 1.0)
+        better = np.where(chest_like, self.orientation_slack * own / np.maximum(best, 1e-9), 0.0)
+        return {"features": features, "layout": own, "orientation": better}
 
     def distances(self, rows: npt.NDArray[Any]) -> FloatArray:
         """Return the largest of the three ratios per row (> :attr:`threshold` refuses)."""
@@ -318,8 +321,8 @@ def save_gate(path: Path, gate: ApplicabilityGate) -> None:
         "orientation_slack": np.array([gate.orientation_slack], dtype=np.float64)
     }
     for name, part in (("features", gate.features), ("layout", gate.layout)):
-        arrays[f"{name}.mean"] = part.mean.astype(np.float32)
-        arrays[f"{name}.precision"] = part.precision.astype(np.float32)
+        arrays[f"{name}.mean"] = part.mean.astype(np.float64)
+        arrays[f"{name}.precision"] = part.precision.astype(np.float64)
         arrays[f"{name}.threshold"] = np.array([part.threshold], dtype=np.float64)
     save_file(arrays, str(path))
 

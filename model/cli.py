@@ -477,7 +477,7 @@ def register(
     g.add_argument(
         "--margin",
         type=float,
-        default=0.0,
+        default=0.01,
         help="thresholds = largest calibration distance x (1 + margin)",
     )
     g.set_defaults(func=_cmd_fit_gate)

@@ -31,7 +31,7 @@ def _rows(n: int, seed: int, shift: float = 0.0, layout_shift: float = 0.0) -> n
 
 def test_gaussian_threshold_is_the_largest_calibration_distance() -> None:
     fit_rows, cal = _rows(3000, 0)[:, :16], _rows(500, 1)[:, :16]
-    part = fit_gaussian(fit_rows, cal)
+    part = fit_gaussian(fit_rows, cal, margin=0.0)
     assert part.ratios(cal).max() == pytest.approx(1.0)
     assert (part.ratios(_rows(2000, 2)[:, :16]) > 1).mean() < 0.01
     assert (part.ratios(_rows(200, 3, shift=6.0)[:, :16]) > 1).mean() > 0.99
