@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 Item = tuple[np.ndarray, Any]
 
-LATERAL_MIN_REFUSED = 0.7  # measured 0.79 (31 of 39) with the shipped bundle
+LATERAL_MIN_REFUSED = 0.7  # measured 0.77 (30 of 39) with the shipped bundle
 HELD_OUT_ADULT_MAX_REFUSED = 0.02  # measured 0.007 (1 of 136)
 ZOO = ("dicom/transfer-syntax-zoo/files", "*.dcm")
 J2K = ("dicom", "chest-real", "files", "JPEG2KLossless_1s_1f_u_16_16.dcm")
