@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import save_file
 
 from model.applicability import GATE_FILE, fit_gate, fit_gaussian, load_gate, save_gate
 from model.bundle import Bundle, BundleError, file_sha256, load_bundle, write_card
+from model.finalize import gate_part, load_for_gate_fitting, portable
 from model.infer import Classifier
 from model.pixels import PixelMeta
 
@@ -130,3 +132,31 @@ def test_tampered_gate_file_is_refused(tiny_bundle: Bundle, tmp_path: Path) -> N
         load_bundle(path)
     card = json.loads((path / "model.json").read_text())
     assert card["applicability"]["threshold"] == 1.0
+
+
+def test_extra_data_is_split_by_patient_in_stable_proportions() -> None:
+    parts = [gate_part(str(i)) for i in range(3000)]
+    shares = {p: parts.count(p) / len(parts) for p in ("fit", "calibration", "held-out")}
+    assert shares == pytest.approx({"fit": 0.5, "calibration": 0.2, "held-out": 0.3}, abs=0.03)
+    assert [gate_part(str(i)) for i in range(50)] == parts[:50]
+
+
+def test_card_paths_are_never_absolute(tmp_path: Path) -> None:
+    assert portable("../shared/data/cxr/x") == "../shared/data/cxr/x"
+    assert not Path(portable(tmp_path / "data")).is_absolute()
+
+
+def test_a_gate_file_of_an_older_format_does_not_block_refitting(
+    tiny_bundle: Bundle, tmp_path: Path
+) -> None:
+    path = _gated_copy(tiny_bundle, tmp_path, 1.0)
+    save_file({"mean": np.zeros(4, np.float32)}, str(path / GATE_FILE))  # former layout
+    card = json.loads((path / "model.json").read_text())
+    card["applicability"]["sha256"] = file_sha256(path / GATE_FILE)
+    (path / "model.json").write_text(json.dumps(card))
+    with pytest.raises(BundleError, match="cannot read"):
+        load_bundle(path)
+    bundle = load_for_gate_fitting(path)
+    assert bundle.gate is None
+    assert bundle.path == path
+    assert bundle.card.applicability["sha256"] == card["applicability"]["sha256"]
