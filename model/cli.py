@@ -212,21 +212,25 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit_gate(args: argparse.Namespace) -> int:
-    from model.bundle import BundleError, default_bundle_path, load_bundle
-    from model.finalize import default_data, fit_bundle_gate
+    from model.bundle import BundleError, default_bundle_path
+    from model.data import read_dataset
+    from model.finalize import default_data, fit_bundle_gate, load_for_gate_fitting, portable
 
     try:
-        bundle = load_bundle(args.bundle or default_bundle_path())
-        train, val, test = (
-            _split_records(args, bundle, s) for s in ("train", "validation", "test")
+        bundle = load_for_gate_fitting(args.bundle or default_bundle_path())
+        splits = {s: _split_records(args, bundle, s) for s in ("train", "validation", "test")}
+        extra = (
+            read_dataset(args.extra, _parse_excludes(args.extra_exclude) or None)
+            if args.extra is not None
+            else None
         )
         bundle = fit_bundle_gate(
             bundle,
-            train,
-            val,
-            test,
+            splits,
             source=default_data(bundle, args.labels),
-            quantile=args.quantile,
+            extra=extra,
+            extra_source=portable(args.extra) if args.extra is not None else "",
+            margin=args.margin,
         )
     except (BundleError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -263,8 +267,8 @@ def format_card(card_dict: dict[str, Any]) -> str:
     if gate:
         frr = gate.get("false_rejection", {})
         lines.append(
-            f"  applicability gate: distance <= {gate.get('threshold', float('nan')):.3f}, "
-            f"contrast >= {gate.get('contrast_threshold', float('nan')):.3f}; FRR "
+            "  applicability gate: "
+            + f"{gate.get('method', '')}; FRR "
             + ", ".join(f"{k} {v['false_rejection_rate']:.4f}" for k, v in frr.items())
         )
     training = card_dict.get("training", {})
@@ -317,34 +321,71 @@ def register(
         "--data", type=Path, required=True, help="folder with labels.csv or class folders"
     )
     t.add_argument("--arch", default="resnet10t", help="timm architecture name")
-    t.add_argument("--epochs", type=int, default=12)
-    t.add_argument("--input-size", type=int, default=160)
-    t.add_argument("--channels", type=int, default=1, choices=(1, 3))
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--val-fraction", type=float, default=0.15)
-    t.add_argument("--test-fraction", type=float, default=0.10)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--epochs", type=int, default=12, help="maximum number of epochs")
+    t.add_argument(
+        "--input-size", type=int, default=160, help="model input side in pixels (square)"
+    )
+    t.add_argument(
+        "--channels", type=int, default=1, choices=(1, 3), help="input channels (greyscale: 1)"
+    )
+    t.add_argument("--batch-size", type=int, default=32, help="images per optimiser step")
+    t.add_argument(
+        "--lr", type=float, default=2e-3, help="peak AdamW learning rate (warm-up, cosine decay)"
+    )
+    t.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.15,
+        help="fraction of patients held out for validation (early stopping, threshold)",
+    )
+    t.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.10,
+        help="fraction of patients held out for the test metrics (never used to train)",
+    )
+    t.add_argument(
+        "--seed", type=int, default=0, help="seed of the patient split, shuffling and init"
+    )
     t.add_argument("--patience", type=int, default=4, help="early stopping on validation AUC")
-    t.add_argument("--target-sensitivity", type=float, default=0.95)
-    t.add_argument("--positive-class", default="pneumonia")
-    t.add_argument("--out", type=Path, default=Path("bundle"))
-    t.add_argument("--name", default="radflag-pneumonia")
-    t.add_argument("--version", default="0.1.0")
+    t.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=0.95,
+        help="threshold: highest one reaching this validation sensitivity",
+    )
+    t.add_argument("--positive-class", default="pneumonia", help="label of the positive class")
+    t.add_argument("--out", type=Path, default=Path("bundle"), help="bundle folder to write")
+    t.add_argument("--name", default="radflag-pneumonia", help="bundle name in the card")
+    t.add_argument("--version", default="0.1.0", help="bundle version in the card")
     t.add_argument("--limit", type=int, default=None, help="use only N images (smoke runs)")
     t.add_argument("--resume", type=Path, default=None, help="checkpoint.pt to continue from")
     t.add_argument(
         "--stop-after", type=int, default=None, help="run at most N epochs now (resume later)"
     )
-    t.add_argument("--checkpoint-dir", type=Path, default=None)
-    t.add_argument("--weights-dtype", default="float32", choices=("float32", "float16"))
-    t.add_argument("--modalities", default="CR,DX")
-    t.add_argument("--finding-scheme", default="SCT")
-    t.add_argument("--finding-value", default="233604007")
-    t.add_argument("--finding-meaning", default="Pneumonia")
-    t.add_argument("--description", default="")
-    t.add_argument("--limitations", default="")
-    t.add_argument("--data-attribution", default="")
+    t.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="write checkpoint.pt here after every epoch (for --resume)",
+    )
+    t.add_argument(
+        "--weights-dtype",
+        default="float32",
+        choices=("float32", "float16"),
+        help="dtype of the stored weights",
+    )
+    t.add_argument("--modalities", default="CR,DX", help="comma-separated DICOM modalities served")
+    t.add_argument("--finding-scheme", default="SCT", help="coding scheme of the finding (SR code)")
+    t.add_argument("--finding-value", default="233604007", help="code value of the finding")
+    t.add_argument("--finding-meaning", default="Pneumonia", help="code meaning of the finding")
+    t.add_argument("--description", default="", help="model card: what the model does")
+    t.add_argument(
+        "--limitations", default="", help="model card: known limitations and intended use"
+    )
+    t.add_argument(
+        "--data-attribution", default="", help="model card: citation and licence of the data"
+    )
     t.add_argument(
         "--exclude",
         action="append",
@@ -363,7 +404,7 @@ def register(
     t.add_argument(
         "--finetune-lr-scale", type=float, default=0.1, help="phase 2 LR factor with --init"
     )
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("evaluate", help="evaluate a bundle on labelled images")
@@ -380,7 +421,12 @@ def register(
         default=None,
         help="rebuild this partition of the patient-level split recorded in the card",
     )
-    e.add_argument("--exclude", action="append", metavar="COLUMN=VALUE")
+    e.add_argument(
+        "--exclude",
+        action="append",
+        metavar="COLUMN=VALUE",
+        help="leave out labels.csv rows with this value (repeatable), e.g. view=L",
+    )
     e.add_argument("--json", type=Path, default=None, help="write all metrics as JSON here")
     e.add_argument("--plots", type=Path, default=None, help="write ROC/PR/calibration PNGs here")
     e.add_argument(
@@ -391,7 +437,7 @@ def register(
         "and write it into the bundle's card (weights unchanged)",
     )
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: none)")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.add_argument(
         "--renditions",
         action="store_true",
@@ -415,7 +461,25 @@ def register(
     g = sub.add_parser("fit-gate", help="fit the not-a-chest-radiograph applicability gate")
     g.add_argument("--bundle", type=Path, default=None, help="default: the shipped bundle")
     g.add_argument("--labels", type=Path, default=None, help="where the training data now is")
-    g.add_argument("--quantile", type=float, default=0.995, help="validation distance quantile")
+    g.add_argument(
+        "--extra",
+        type=Path,
+        default=None,
+        help="more frontal chest radiographs (labels.csv dataset, e.g. adults): split by "
+        "patient into fit / calibration / held-out parts",
+    )
+    g.add_argument(
+        "--extra-exclude",
+        action="append",
+        metavar="COLUMN=VALUE",
+        help="leave out --extra rows with this value (repeatable), e.g. view=L",
+    )
+    g.add_argument(
+        "--margin",
+        type=float,
+        default=0.01,
+        help="thresholds = largest calibration distance x (1 + margin)",
+    )
     g.set_defaults(func=_cmd_fit_gate)
 
     i = sub.add_parser("info", help="print a bundle's model card")

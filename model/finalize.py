@@ -1,14 +1,18 @@
 """Steps after training that change a bundle's card, not its weights.
 
 Temperature scaling on the validation split (:func:`calibrate_bundle`) and the
-applicability gate fitted on the training split and thresholded on validation
+applicability gate fitted on frontal chest radiographs and thresholded on held-out ones
 (:func:`fit_bundle_gate`). Both keep the weights and their sha256; both are recorded in
 the card with the data they were measured on.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,15 +21,25 @@ import numpy as np
 import numpy.typing as npt
 
 from model.applicability import (
-    DEFAULT_QUANTILE,
+    DEFAULT_MARGIN,
+    DEFAULT_ORIENTATION_SLACK,
     DEFAULT_SHRINKAGE,
     GATE_FILE,
+    LAYOUT_GRID,
     METHOD,
     fit_gate,
-    mediastinum_contrast,
     save_gate,
 )
-from model.bundle import Bundle, file_sha256, write_card
+from model.bundle import (
+    CARD_FILE,
+    WEIGHTS_FILE,
+    Bundle,
+    BundleError,
+    file_sha256,
+    load_bundle,
+    read_card,
+    write_card,
+)
 from model.calibration import calibration_report, fit_temperature, move_threshold, to_logits
 from model.data import LabeledImage
 from model.evaluate import score_records
@@ -79,68 +93,179 @@ def calibrate_bundle(bundle: Bundle, val_records: list[LabeledImage], source: st
     return write_card(bundle.path, new)
 
 
-def _features(
-    clf: Classifier, records: Sequence[LabeledImage]
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float64]]:
-    """Return pooled features and mediastinum contrasts of the images (JPEG rendition)."""
-    spec = clf.spec
-    tensors = [preprocess(*load_image_file(r.path), spec) for r in records]
-    return clf.features(tensors), mediastinum_contrast(np.stack(tensors))
+def _gate_rows(clf: Classifier, records: Sequence[LabeledImage]) -> npt.NDArray[np.float32]:
+    """Return the gate rows (features, layout) of the images (JPEG rendition)."""
+    tensors = [preprocess(*load_image_file(r.path), clf.spec) for r in records]
+    return clf.features(tensors)
+
+
+def gate_part(patient_id: str) -> str:
+    """Return ``fit`` (50 %), ``calibration`` (20 %) or ``held-out`` (30 %) for a patient.
+
+    A fixed hash of the patient id, so the extra data's split is stable across runs.
+
+    Parameters
+    ----------
+    patient_id
+        Patient identifier of a labels.csv row.
+    """
+    bucket = int(hashlib.sha256(f"gate:{patient_id}".encode()).hexdigest(), 16) % 100
+    return "fit" if bucket < 50 else ("calibration" if bucket < 70 else "held-out")
+
+
+def split_extra(records: Sequence[LabeledImage]) -> dict[str, list[LabeledImage]]:
+    """Split extra frontal radiographs by patient with :func:`gate_part`.
+
+    Parameters
+    ----------
+    records
+        The extra data set's images.
+    """
+    parts: dict[str, list[LabeledImage]] = {"fit": [], "calibration": [], "held-out": []}
+    for rec in records:
+        parts[gate_part(rec.patient_id)].append(rec)
+    return parts
+
+
+def portable(path: Path | str) -> str:
+    """Return ``path`` as a card records it (never one machine's absolute path).
+
+    Relative paths are kept as given; absolute ones become relative to the working
+    directory.
+
+    Parameters
+    ----------
+    path
+        A data location.
+    """
+    text = str(path)
+    return os.path.relpath(text) if os.path.isabs(text) else text
+
+
+def load_for_gate_fitting(path: Path) -> Bundle:
+    """Load a bundle whose gate is about to be replaced, even if the gate file is unreadable.
+
+    A gate file of an older format must not block fitting its successor: the weights
+    and the card are loaded (and verified) without it; nothing on disk changes.
+
+    Parameters
+    ----------
+    path
+        Bundle folder.
+    """
+    try:
+        return load_bundle(path)
+    except BundleError:
+        card = read_card(path)
+        if not card.applicability:
+            raise
+    with tempfile.TemporaryDirectory(prefix="radflag-gate-") as tmp:
+        staging = Path(tmp)
+        (staging / WEIGHTS_FILE).symlink_to((Path(path) / WEIGHTS_FILE).resolve())
+        ungated = card.model_copy(update={"applicability": {}})
+        (staging / CARD_FILE).write_text(ungated.to_json(), encoding="utf-8")
+        loaded = load_bundle(staging)
+    return dataclasses.replace(loaded, path=Path(path), card=card)
 
 
 def fit_bundle_gate(
     bundle: Bundle,
-    train: list[LabeledImage],
-    val: list[LabeledImage],
-    test: list[LabeledImage],
+    splits: dict[str, list[LabeledImage]],
     source: str,
-    quantile: float = DEFAULT_QUANTILE,
+    extra: list[LabeledImage] | None = None,
+    extra_source: str = "",
+    margin: float = DEFAULT_MARGIN,
 ) -> Bundle:
     """Fit the applicability gate and record its false-rejection rates in the card.
+
+    Fit set: the training split (and the extra data's ``fit`` patients); thresholds: the
+    largest distance among calibration images (validation split and the extra data's
+    ``calibration`` patients) times ``1 + margin``; measured on the held-out test split
+    and the extra data's ``held-out`` patients. No non-chest image is used.
 
     Parameters
     ----------
     bundle
         The bundle.
-    train, val, test
-        Patient-level splits of the training data (JPEG rendition).
+    splits
+        ``train``, ``validation`` and ``test`` patient-level splits of the training data.
     source
-        Description of the data for the card.
-    quantile
-        Validation quantile used as the distance threshold.
+        Name or relative path of the training data, for the card.
+    extra
+        Frontal chest radiographs of other patients (e.g. adults), or None.
+    extra_source
+        Name or relative path of ``extra``, for the card.
+    margin
+        Relative threshold margin.
     """
     clf = Classifier(bundle, batch_size=64)
-    (f_train, _), (f_val, c_val), (f_test, c_test) = (
-        _features(clf, part) for part in (train, val, test)
+    parts = split_extra(extra or [])
+    rows = {name: _gate_rows(clf, recs) for name, recs in splits.items()}
+    extra_rows = {name: _gate_rows(clf, recs) for name, recs in parts.items() if recs}
+    fit_rows = np.concatenate(
+        [rows["train"], *(extra_rows[k] for k in ("fit",) if k in extra_rows)]
     )
-    gate = fit_gate(f_train, f_val, quantile=quantile, val_contrasts=c_val)
+    cal_rows = np.concatenate(
+        [rows["validation"], *(extra_rows[k] for k in ("calibration",) if k in extra_rows)]
+    )
+    gate = fit_gate(fit_rows, cal_rows, margin=margin)
     path = bundle.path / GATE_FILE
     save_gate(path, gate)
+    measured = {"validation": rows["validation"], "test": rows["test"]}
+    measured.update({f"extra {k}": v for k, v in extra_rows.items() if k != "fit"})
     frr: dict[str, Any] = {}
-    for name, feats, contrast in (("validation", f_val, c_val), ("test", f_test, c_test)):
-        far = gate.distances(feats) > gate.threshold
-        flat = contrast < gate.contrast_threshold
+    for name, part_rows in measured.items():
+        scores = gate.scores(part_rows)
         frr[name] = {
-            "n": int(len(far)),
-            "false_rejection_rate": float((far | flat).mean()),
-            "by_feature_distance": float(far.mean()),
-            "by_mediastinum_contrast": float(flat.mean()),
+            "n": len(part_rows),
+            "false_rejection_rate": float((gate.distances(part_rows) > 1.0).mean()),
+            **{f"by_{k}": float((v > 1.0).mean()) for k, v in scores.items()},
         }
+    n_extra = {k: len(v) for k, v in parts.items()}
     section = {
-        "method": METHOD + "; and the mediastinum contrast of the model input",
+        "method": METHOD,
         "file": GATE_FILE,
         "sha256": file_sha256(path),
-        "feature_dim": int(gate.mean.size),
+        "feature_dim": gate.feature_dim,
+        "layout_grid": LAYOUT_GRID,
         "shrinkage": DEFAULT_SHRINKAGE,
-        "threshold": gate.threshold,
-        "contrast_threshold": gate.contrast_threshold,
+        "margin": margin,
+        "feature_threshold": gate.features.threshold,
+        "layout_threshold": gate.layout.threshold,
+        "orientation_slack": gate.orientation_slack,
         "threshold_rule": (
-            f"{quantile:.3f} quantile of validation distances and "
-            f"{1 - quantile:.3f} quantile of validation mediastinum contrasts"
+            f"largest distance of the calibration chest radiographs x {1 + margin:g}, per "
+            "model; orientation: refused when the flipped / inverted layout is applicable "
+            f"and its ratio < {DEFAULT_ORIENTATION_SLACK} x the smallest such quotient among "
+            "calibration images times the image's own ratio. No non-chest image is used to "
+            "fit or threshold the gate"
         ),
-        "fitted_on": f"train split of {source} ({len(train)} images)",
+        "fitted_on": (
+            f"train split of {source} ({len(splits['train'])} images)"
+            + (
+                f" + {n_extra['fit']} frontal images of {extra_source} ('fit' patients)"
+                if extra
+                else ""
+            )
+        ),
+        "calibrated_on": (
+            f"validation split of {source} ({len(splits['validation'])} images)"
+            + (
+                f" + {n_extra['calibration']} frontal images of {extra_source} "
+                "('calibration' patients)"
+                if extra
+                else ""
+            )
+        ),
+        "extra_split": (
+            "patients by sha256('gate:' + patient_id) % 100: <50 fit, <70 calibration, "
+            "else held-out"
+        ),
         "false_rejection": frr,
-        "note": "validation FRR is optimistic (threshold chosen there); test is held out",
+        "note": (
+            "validation and extra calibration FRR are 0 by construction (thresholds set there); "
+            "test and extra held-out are held out"
+        ),
     }
     return write_card(bundle.path, bundle.card.model_copy(update={"applicability": section}))
 
@@ -174,4 +299,4 @@ def default_data(bundle: Bundle, data: Path | None) -> str:
     data
         Override of the data location.
     """
-    return str(data if data is not None else bundle.card.training.get("data"))
+    return portable(data if data is not None else str(bundle.card.training.get("data")))
