@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from model.applicability import logits_and_features, mediastinum_contrast
+from model.applicability import logits_and_features
 from model.bundle import Aggregation, Bundle
 from model.explain import Explanation, cam_to_source, grad_cam
 from model.pixels import PixelMeta
@@ -238,10 +238,8 @@ class Classifier:
             out = probs.cpu().numpy().astype(np.float64)
             if gate is None:
                 return out, [None] * len(chunk)
-            feats_np = feats.float().cpu().numpy()
-            contrast = mediastinum_contrast(batch.float().cpu().numpy())
-        dist = gate.distances(feats_np)
-        return out, [gate.reason(float(d), float(c)) for d, c in zip(dist, contrast, strict=True)]
+            rows = feats.float().cpu().numpy()
+        return out, gate.assess(rows)
 
     def features(self, images: Sequence[npt.NDArray[Any]]) -> npt.NDArray[np.float32]:
         """Return pooled penultimate features (N, D) of preprocessed arrays (gate fitting).
