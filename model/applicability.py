@@ -181,11 +181,10 @@ class ApplicabilityGate:
         out: FloatArray = np.max(np.stack(list(self.scores(rows).values())), axis=0)
         return out
 
-    def reason(self, distance: float, contrast: float = float("inf")) -> str | None:
+    def reason(self, distance: float) -> str | None:
         """Return a generic reason for a score from :meth:`distances`, or None if applicable.
 
-        ``contrast`` is ignored (kept for callers of the former mediastinum check); use
-        :meth:`assess` for the specific reason.
+        :meth:`assess` gives the specific reason (what the daemon audits).
         """
         if np.isfinite(distance) and distance <= self.threshold:
             return None
@@ -241,31 +240,6 @@ def layout_rows(inputs: torch.Tensor) -> torch.Tensor:
     """
     grey = inputs.float().mean(dim=1, keepdim=True)
     return functional.adaptive_avg_pool2d(grey, LAYOUT_GRID).flatten(1)
-
-
-def mediastinum_contrast(images: npt.NDArray[Any]) -> FloatArray:
-    """Return how much brighter the middle columns are than both lung fields, per image.
-
-    Former frontal-view cue (rows 25-75 %, columns 41-59 % minus 12-38 % and 62-88 %),
-    kept for callers; the gate's layout model replaces it.
-
-    Parameters
-    ----------
-    images
-        Model inputs (N, C, S, S) (any normalisation; each image is standardised here).
-    """
-    x = np.asarray(images, dtype=np.float64).mean(axis=1)
-    size = x.shape[-1]
-    flat = x.reshape(len(x), -1)
-    x = (x - flat.mean(axis=1)[:, None, None]) / (flat.std(axis=1)[:, None, None] + 1e-6)
-    band = x[:, size // 4 : 3 * size // 4].mean(axis=1)
-
-    def cols(lo: float, hi: float) -> FloatArray:
-        out: FloatArray = band[:, round(lo * size) : round(hi * size)].mean(axis=1)
-        return out
-
-    result: FloatArray = cols(0.406, 0.594) - 0.5 * (cols(0.125, 0.375) + cols(0.625, 0.875))
-    return result
 
 
 def fit_gate(
