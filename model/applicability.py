@@ -145,7 +145,6 @@ class ApplicabilityGate:
     orientation_slack: float = 0.0
 
     threshold = 1.0
-    contrast_threshold = float("-inf")
 
     @property
     def feature_dim(self) -> int:
