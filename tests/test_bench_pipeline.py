@@ -103,9 +103,9 @@ def test_ingest_section_prints_the_ratios(tmp_path: Path) -> None:
     table, figures = _run(
         tmp_path, "--sections", "ingest", "--ingest-images", "4", "--ingest-size", "128"
     )
-    for target in ("storescp +B -pdu 131072 --fork", "Orthanc", "radflag"):
+    for target in ("DCMTK storescp", "Orthanc", "radflag"):
         for mode in ("1 association", "4 associations"):
             assert figures[f"ingest {target} {mode} images/s"] > 0
-    assert _row(table, "(e) ingest radflag / storescp +B -pdu 131072 --fork, 4 associations")
+    assert _row(table, "(e) ingest radflag / DCMTK storescp, 4 associations")
     assert _row(table, "(e) ingest radflag / Orthanc, 1 association")
     assert "(a) bare" not in table
