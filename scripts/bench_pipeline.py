@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from model.bundle import Bundle, default_bundle_path, load_bundle  # noqa: E402
 from scripts.bench.corpus import StudyWriter, flatten, keep_applicable, render_sources  # noqa: E402
-from scripts.bench.ingest import nodelay, run_ingest  # noqa: E402
+from scripts.bench.ingest import run_ingest  # noqa: E402
 from scripts.bench.sections import bare_throughput, latency, peak_memory, throughput  # noqa: E402
 from scripts.bench.stack import (  # noqa: E402
     BenchTimeout,
@@ -57,6 +57,7 @@ from scripts.bench.stack import (  # noqa: E402
     Stack,
 )
 from scripts.bench.table import SR_ONLY, SR_SC, Figures, ratios, render  # noqa: E402
+from scripts.bench_ingest import tcp_nodelay_env  # noqa: E402
 from tests.peers.netns import NetNamespace  # noqa: E402
 
 SECTIONS = ("bare", "e2e", "latency", "memory", "ingest")
@@ -284,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # clean up (children, temp folder) when stopped
     signal.signal(signal.SIGINT, _interrupt)  # also when started in the background
     try:
-        with nodelay():
+        with tcp_nodelay_env():
             Run(args, work, figures).run()
     except (BenchTimeout, RuntimeError, OSError, ValueError) as exc:
         figures.errors.append(f"{type(exc).__name__}: {exc}")

@@ -13,11 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from scripts.bench.stack import Deadline
-from scripts.bench_ingest import Row, tcp_nodelay_env
+from scripts.bench_ingest import Row
 from scripts.bench_ingest import run_ingest as _run_ingest
-
-nodelay = tcp_nodelay_env
-"""``TCP_NODELAY=1`` for every DCMTK tool and Orthanc started meanwhile."""
 
 
 def run_ingest(
@@ -41,4 +38,4 @@ def run_ingest(
             shutil.rmtree(work / "ingest")
 
 
-__all__ = ["Row", "nodelay", "run_ingest"]
+__all__ = ["Row", "run_ingest"]
