@@ -7,6 +7,8 @@ Three changes to how pynetdicom receives, installed per association by the liste
   of its length instead of 4 KiB ``recv`` calls appended to a ``bytearray``, and the reader
   waits on the socket instead of polling it every millisecond; a P-DATA-TF PDU is split into
   its fragments without copying them (:func:`read_pdu`);
+* **responses sent at once**: a primitive queued for sending (the C-STORE response) wakes
+  the reader's wait (:class:`Waker`) instead of waiting for its next poll;
 * **streamed data sets**: the fragments (PS3.8 E.2 PDVs) of a C-STORE request's data set are
   appended to a spool file as they arrive (:class:`dicom_io.incoming.IncomingFile`, opened
   by the listener with the file meta built from the command set), through pynetdicom's own
@@ -22,11 +24,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import queue
 import select
 import socket
 import ssl
 import struct
 import time
+import weakref
 from collections.abc import Callable
 from io import BytesIO
 from typing import Any, BinaryIO, cast
@@ -65,20 +69,74 @@ OpenIncoming = Callable[[Any, int, C_STORE_RQ], IncomingFile | None]
 """``(assoc, context_id, message) -> IncomingFile | None``: where a data set is streamed."""
 
 
+class Waker:
+    """Makes a ``select`` on :meth:`fileno` return now (a connected socket pair).
+
+    The sockets are closed by :meth:`close` or, at the latest, when the waker is collected.
+    """
+
+    def __init__(self) -> None:
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+        self._closer = weakref.finalize(self, _close_sockets, self._reader, self._writer)
+
+    def fileno(self) -> int:
+        """Return the descriptor to ``select`` on (readable after :meth:`wake`)."""
+        return self._reader.fileno()
+
+    def wake(self) -> None:
+        """Make :meth:`fileno` readable (a no-op once closed)."""
+        with contextlib.suppress(OSError):  # buffer full (a wake is pending) or closed
+            self._writer.send(b"\0")
+
+    def drain(self) -> None:
+        """Consume pending wakes."""
+        with contextlib.suppress(OSError):  # nothing left (EAGAIN) or closed
+            while self._reader.recv(4096):
+                pass
+
+    def close(self) -> None:
+        """Close both sockets (idempotent)."""
+        self._closer()
+
+
+def _close_sockets(*sockets: socket.socket) -> None:
+    for sock in sockets:
+        sock.close()
+
+
+class WakingQueue(queue.Queue[Any]):
+    """pynetdicom's DUL provider queue, waking the reader's wait on every ``put``."""
+
+    def __init__(self, waker: Waker) -> None:
+        super().__init__()
+        self.waker = waker
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Queue ``item``, then wake the reader so that it sends it now."""
+        super().put(item, block, timeout)
+        self.waker.wake()
+
+
 class WireSocket(AssociationSocket):
     """pynetdicom's socket wrapper: fewer reads, waits on the socket instead of sleeping.
 
     * a PDU is read with ``recv_into`` into a buffer of its length;
     * :attr:`ready` waits up to ``WAIT_S`` for data (``select``) while the reader loop runs
       without its 1 ms sleep (:func:`install`): a PDU is read as soon as it arrives, an idle
-      association still costs one wake-up per ``WAIT_S``, and a primitive to send waits
-      at most ``WAIT_S`` as before;
+      association still costs one wake-up per ``WAIT_S``; a primitive queued to be sent
+      (a C-STORE response) ends the wait at once (:attr:`waker`, :class:`WakingQueue`), and
+      it does not wait while state-machine events are pending (the A-ASSOCIATE-RQ read
+      together with the connection's own event);
     * ``TCP_QUICKACK`` is re-armed after every read and send (Linux): senders that write a
       PDU in two parts (header, then body) without ``TCP_NODELAY`` are not held up by our
       delayed ACK (about 40 ms per request).
     """
 
     WAIT_S = 0.001
+    waker: Waker | None = None
+    """Set by :func:`install`; its wakes end :attr:`ready`'s wait."""
 
     @property
     def ready(self) -> bool:
@@ -89,12 +147,18 @@ class WireSocket(AssociationSocket):
             return False
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True  # decrypted bytes select() cannot see
+        waker = self.waker
+        watched: list[Any] = [sock] if waker is None else [sock, waker]
+        # The reader loop handles one event per turn: with events pending, only look.
+        wait_s = self.WAIT_S if self.event_queue.empty() else 0
         try:
-            readable, _, _ = select.select([sock], [], [], self.WAIT_S)
+            readable, _, _ = select.select(watched, [], [], wait_s)
         except (OSError, ValueError):
             self.event_queue.put("Evt17")  # transport closed, as pynetdicom
             return False
-        return bool(readable)
+        if waker is not None and waker in readable:
+            waker.drain()
+        return sock in readable
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read ``nr_bytes`` (fewer only when the peer closed the connection)."""
@@ -123,6 +187,12 @@ class WireSocket(AssociationSocket):
         if self.socket is not None:
             _quick_ack(self.socket)
 
+    def close(self) -> None:
+        """Close the connection as pynetdicom does, and the waker."""
+        super().close()
+        if self.waker is not None:
+            self.waker.close()
+
 
 def _quick_ack(sock: socket.socket) -> None:
     if _QUICKACK is None:
@@ -136,6 +206,8 @@ def install(assoc: Any, open_incoming: OpenIncoming | None) -> None:
     sock = assoc.dul.socket
     if type(sock) is AssociationSocket:
         sock.__class__ = WireSocket
+        waker = cast(WireSocket, sock).waker = Waker()
+        assoc.dul.to_provider_queue = WakingQueue(waker)  # (empty: not started yet)
         assoc.dul._run_loop_delay = 0  # WireSocket.ready waits on the socket instead
         assoc.dul._read_pdu_data = functools.partial(read_pdu, assoc.dul)
     if open_incoming is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,50 @@ def test_discard_removes_the_file(tmp_path: Path) -> None:
     incoming.discard()  # idempotent
 
     assert _temp_files(spool) == []
+
+
+def test_writeback_is_started_while_receiving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every step of received bytes is handed to writeback at once; the fsync still follows."""
+    calls: list[tuple[str, int, int]] = []
+
+    def writeback(fd: int, offset: int, nbytes: int) -> None:
+        calls.append(("writeback", offset, nbytes))
+
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(("fsync", 0, 0))
+        real_fsync(fd)
+
+    monkeypatch.setattr(incoming_module, "start_writeback", writeback)
+    monkeypatch.setattr(incoming_module, "WRITEBACK_STEP_BYTES", 2048)
+    monkeypatch.setattr(os, "fsync", fsync)
+    data, meta = _encoded()
+    spool = Spool(tmp_path)
+    incoming = _stream(spool, meta, data, chunk=1000)
+
+    assert calls and all(kind == "writeback" for kind, _, _ in calls)  # while receiving
+    assert calls[0][1] == 0
+    for (_, offset, nbytes), (_, following, _) in zip(calls, calls[1:], strict=False):
+        assert nbytes >= 2048 and following == offset + nbytes  # contiguous steps
+    assert incoming.size - (calls[-1][1] + calls[-1][2]) < 2048  # only the tail is left
+
+    placed = spool.place_incoming(incoming, spool.path_for("1.2", "1.2.3", "1.2.3.4"))
+
+    assert ("fsync", 0, 0) in calls[-3:]  # the durable write still fsyncs the file
+    assert placed.path.stat().st_size == incoming.size
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux")
+def test_linux_writeback_is_the_real_system_call(tmp_path: Path) -> None:
+    assert incoming_module.start_writeback is not incoming_module._no_writeback
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        os.write(fd, b"x" * 8192)
+        incoming_module.start_writeback(fd, 0, 8192)  # accepted (a hint: never raises)
+        incoming_module.start_writeback(-1, 0, 1)  # even on a bad descriptor
+    finally:
+        os.close(fd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 import time
@@ -27,7 +28,7 @@ from pynetdicom.pdu_primitives import P_DATA
 
 from dicom_io import statuses
 from dicom_io.spool import INCOMING_PREFIX, TEMP_SUFFIX
-from dicom_io.wire import decode_p_data, read_data_set
+from dicom_io.wire import Waker, WireSocket, decode_p_data, read_data_set
 from tests.conftest import shared_path
 from tests.dicom_io.conftest import SCP_AE, RunningListener, make_dx
 
@@ -223,3 +224,38 @@ def test_a_huge_announced_pdu_allocates_only_what_arrives(
     assoc = ae.associate("127.0.0.1", running_listener.port, ae_title=SCP_AE)
     assert assoc.is_established  # still serving
     assoc.release()
+
+
+def test_a_queued_response_ends_the_readers_wait(
+    running_listener: RunningListener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The A-ASSOCIATE-AC, C-ECHO and A-RELEASE answers are sent when queued, not on a poll.
+
+    With a 2 s wait on the socket, each of the three would wait up to 2 s for the reader's
+    ``select`` to time out if queuing did not wake it.
+    """
+    monkeypatch.setattr(WireSocket, "WAIT_S", 2.0)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    start = time.monotonic()
+    assoc = ae.associate("127.0.0.1", running_listener.port, ae_title=SCP_AE)
+    assert assoc.is_established
+    status = assoc.send_c_echo()
+    assoc.release()
+    elapsed = time.monotonic() - start
+
+    assert int(status.Status) == statuses.SUCCESS
+    assert elapsed < 1.5
+
+
+def test_a_waker_is_closed_once_and_wakes_a_select() -> None:
+    waker = Waker()
+    waker.wake()
+    waker.wake()
+    readable, _, _ = select.select([waker], [], [], 1.0)
+    assert readable == [waker]
+    waker.drain()
+    assert select.select([waker], [], [], 0)[0] == []
+    waker.close()
+    waker.close()
+    waker.wake()  # closed: nothing happens
