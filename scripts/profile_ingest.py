@@ -11,6 +11,11 @@ association, and wraps the functions of each stage with wall-clock counters:
   the association thread, inside the C-STORE handler.
 
 Stages run in two threads, so they can overlap; the table also gives the wall time per image.
+A second table follows one C-STORE from its first data fragment to the next one's (medians
+over the images): receiving, the association thread picking the message up, the handler's
+parse + durable placing (fsync, link, directory fsync), its database commit, pynetdicom
+queuing the response, the reader sending it, and the sender's turn-around. On one
+association their sum is the time per image.
 
 Usage (from the repository root)::
 
@@ -23,6 +28,7 @@ import argparse
 import functools
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,12 +52,25 @@ import dicom_io.spool  # noqa: E402
 import dicom_io.wire  # noqa: E402
 from daemon.app import Radflag  # noqa: E402
 from daemon.settings import Settings  # noqa: E402
+from dicom_io.scp import Listener  # noqa: E402
 from scripts.bench_ingest import make_images  # noqa: E402
 from tests.peers.dcmtk import STORESCU  # noqa: E402
 
 _totals: dict[str, float] = defaultdict(float)
 _counts: dict[str, int] = defaultdict(int)
 _lock = threading.Lock()
+_marks: list[tuple[str, float]] = []
+
+TIMELINE = (
+    ("first data fragment", "message complete", "receive (first -> last fragment)"),
+    ("message complete", "handler start", "association thread picks it up"),
+    ("handler start", "placed", "parse + fsync + link + directory fsync"),
+    ("placed", "handler end", "database commit (sink)"),
+    ("handler end", "response queued", "pynetdicom queues the response"),
+    ("response queued", "response sent", "reader sends the response"),
+    ("response sent", "next first data fragment", "sender's turn-around"),
+)
+"""The per-C-STORE intervals: (from mark, to mark, label)."""
 
 
 def _timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -67,6 +86,49 @@ def _timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
                 _counts[name] += 1
 
     return wrapper
+
+
+def _marked(
+    name: str, fn: Callable[..., Any], when: Callable[[Any], bool] = bool
+) -> Callable[..., Any]:
+    """Wrap ``fn`` to record ``(name, time)`` after it returns (when ``when(result)``)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        result = fn(*args, **kwargs)
+        if when(result):
+            _marks.append((name, time.perf_counter()))
+        return result
+
+    return wrapper
+
+
+def _before(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``fn`` to record ``(name, time)`` before it runs."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _marks.append((name, time.perf_counter()))
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def timeline_medians() -> list[tuple[str, float]]:
+    """Median milliseconds of each :data:`TIMELINE` interval, then of the whole C-STORE."""
+    images: list[dict[str, float]] = []
+    for name, at in _marks:
+        if name == "first data fragment":
+            images.append({})
+        if images and name not in images[-1]:
+            images[-1][name] = at
+    for image, following in zip(images, images[1:], strict=False):
+        image["next first data fragment"] = following["first data fragment"]
+    rows = []
+    for start, end, label in (*TIMELINE, ("first data fragment", "next first data fragment", "")):
+        spans = [i[end] - i[start] for i in images if start in i and end in i]
+        rows.append((label or "one C-STORE", statistics.median(spans) * 1000 if spans else 0.0))
+    return rows
 
 
 @contextmanager
@@ -90,11 +152,34 @@ def instrumented() -> Iterator[None]:
         original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
         originals.append((owner, attr, original))
         setattr(owner, attr, _timed(name, original))
+    marks: list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]] = [
+        (Listener, "_open_incoming", functools.partial(_before, "first data fragment")),
+        (dimse_messages.DIMSEMessage, "decode_msg", functools.partial(_marked, "message complete")),
+        (dicom_io.scp, "handle_store", functools.partial(_before, "handler start")),
+        (dicom_io.spool.Spool, "place_incoming", functools.partial(_marked, "placed", when=_any)),
+        (dul.DULServiceProvider, "send_pdu", functools.partial(_before, "response queued")),
+        (
+            transport.AssociationSocket,
+            "send",
+            functools.partial(_marked, "response sent", when=_any),
+        ),
+    ]
+    for owner, attr, wrap in marks:
+        original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+        originals.append((owner, attr, original))
+        setattr(owner, attr, wrap(getattr(owner, attr)))
+    handler = dicom_io.scp.handle_store
+    dicom_io.scp.handle_store = _marked("handler end", handler, when=_any)
+    originals.append((dicom_io.scp, "handle_store", handler))
     try:
         yield
     finally:
         for owner, attr, original in reversed(originals):
             setattr(owner, attr, original)
+
+
+def _any(result: Any) -> bool:
+    return True
 
 
 def main() -> int:
@@ -140,6 +225,10 @@ def main() -> int:
                 f"| {name} | {_counts[name] / n:.1f} | {total / n * 1000:.2f} "
                 f"| {total / wall * 100:.0f} |"
             )
+        print("\n| one C-STORE, in order | median ms |\n|---|---:|")
+        for label, ms in timeline_medians():
+            print(f"| {label} | {ms:.2f} |")
+        print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
