@@ -615,8 +615,11 @@ class _ConnectionHandler(RequestHandler):
         assoc = self._create_association()
         wire.install(assoc, cast(_GuardedServer, self.server).policy.open_incoming)
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
-        assoc.start()
-        assoc.join()
+        try:
+            assoc.start()
+            assoc.join()
+        finally:
+            wire.uninstall(assoc)
 
 
 @dataclass(frozen=True)

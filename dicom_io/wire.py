@@ -230,6 +230,17 @@ def install(assoc: Any, open_incoming: OpenIncoming | None) -> None:
     dimse.receive_primitive = receive_primitive
 
 
+def uninstall(assoc: Any) -> None:
+    """Close what :func:`install` opened (the waker); call once the association has ended.
+
+    pynetdicom closes an acceptor's connection without :meth:`WireSocket.close` on a normal
+    release, so the waker would otherwise stay open until the garbage collector finds it.
+    """
+    sock = assoc.dul.socket
+    if isinstance(sock, WireSocket) and sock.waker is not None:
+        sock.waker.close()
+
+
 _P_DATA_TF = 0x04
 _PDU_TYPES = frozenset(range(0x01, 0x08))
 

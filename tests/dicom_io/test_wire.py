@@ -259,3 +259,25 @@ def test_a_waker_is_closed_once_and_wakes_a_select() -> None:
     waker.close()
     waker.close()
     waker.wake()  # closed: nothing happens
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
+def test_associations_leave_no_waker_sockets_open(running_listener: RunningListener) -> None:
+    def open_fds() -> int:
+        return len(list(Path("/proc/self/fd").iterdir()))
+
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    before = open_fds()
+    for _ in range(6):
+        assoc = ae.associate("127.0.0.1", running_listener.port, ae_title=SCP_AE)
+        assert assoc.is_established
+        assoc.send_c_echo()
+        assoc.release()
+    deadline = time.monotonic() + 10
+    while running_listener.listener.active_associations and time.monotonic() < deadline:
+        time.sleep(0.02)
+    while open_fds() > before + 2 and time.monotonic() < deadline:  # threads still ending
+        time.sleep(0.02)
+
+    assert open_fds() <= before + 2  # not 2 waker sockets (+ the connection) per association
