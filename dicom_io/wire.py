@@ -1,6 +1,6 @@
 """Receiving C-STORE data sets close to the wire (PS3.8 upper layer, PS3.7 C-STORE).
 
-Three changes to how pynetdicom receives, installed per association by the listener
+Changes to how pynetdicom receives and answers, installed per association by the listener
 (:func:`install`):
 
 * **socket reads** (:class:`WireSocket`): a PDU is read with ``recv_into`` into one buffer
