@@ -20,6 +20,10 @@ association their sum is the time per image.
 Usage (from the repository root)::
 
     .venv/bin/python scripts/profile_ingest.py --images 50 --port 21100
+    .venv/bin/python scripts/profile_ingest.py --images 40 --alternate-writeback 8
+
+``--alternate-writeback ROUNDS`` alternates writeback while receiving (as shipped,
+:mod:`dicom_io.incoming`) with writeback off and prints paired per-C-STORE medians.
 """
 
 from __future__ import annotations
@@ -182,53 +186,105 @@ def _any(result: Any) -> bool:
     return True
 
 
+def _settings(work: Path, port: int) -> Settings:
+    return Settings.model_validate(
+        {
+            "listener": {"ae_title": "RADFLAG", "host": "127.0.0.1", "port": port},
+            "storage": {"spool_dir": str(work / "spool"), "results_dir": str(work / "res")},
+            "database": {"url": f"sqlite:///{work / 'radflag.db'}"},
+            "completion": {"quiet_period_s": 86400},
+            "privacy": {"pseudonym_key": "profile"},
+            "logging": {"level": "WARNING"},
+        }
+    )
+
+
+def run_once(files: list[Path], work: Path, port: int) -> float:
+    """Send ``files`` over one association to a fresh listener in ``work``; wall seconds."""
+    _totals.clear()
+    _counts.clear()
+    _marks.clear()
+    with instrumented():
+        app = Radflag(_settings(work, port), models=[])
+        app.start()
+        try:
+            argv = [str(STORESCU), "-aec", "RADFLAG", "127.0.0.1", str(port)]
+            env = {**os.environ, "TCP_NODELAY": "1"}
+            start = time.perf_counter()
+            subprocess.run([*argv, *map(str, files)], check=True, env=env, timeout=600)
+            return time.perf_counter() - start
+        finally:
+            app.stop()
+
+
+def print_tables(n: int, size: int, wall: float) -> None:
+    """Print the per-stage table and the per-C-STORE timeline of the last :func:`run_once`."""
+    print(
+        f"{n} images of {size}^2, one association: {wall:.2f} s, "
+        f"{n / wall:.1f} images/s, {wall / n * 1000:.1f} ms per image\n"
+    )
+    print("| stage | calls per image | ms per image | % of wall |")
+    print("|---|---:|---:|---:|")
+    for name, total in _totals.items():
+        print(
+            f"| {name} | {_counts[name] / n:.1f} | {total / n * 1000:.2f} "
+            f"| {total / wall * 100:.0f} |"
+        )
+    print("\n| one C-STORE, in order | median ms |\n|---|---:|")
+    for label, ms in timeline_medians():
+        print(f"| {label} | {ms:.2f} |")
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+
+
+def alternate_writeback(files: list[Path], work: Path, port: int, rounds: int) -> None:
+    """Alternate writeback while receiving (as shipped) and off; paired per-C-STORE medians.
+
+    Each round runs both, in alternating order, each against a fresh listener; the median
+    time of one C-STORE (first data fragment to the next one's) is compared per round, so
+    load changes between rounds cancel out.
+    """
+    shipped = dicom_io.incoming.start_writeback
+    times: dict[str, list[float]] = {"writeback": [], "no writeback": []}
+    for r in range(rounds):
+        order = list(times) if r % 2 == 0 else list(times)[::-1]
+        for name in order:
+            on = name == "writeback"
+            dicom_io.incoming.start_writeback = shipped if on else dicom_io.incoming._no_writeback
+            try:
+                run_once(files, work / f"{r}-{'on' if on else 'off'}", port)
+            finally:
+                dicom_io.incoming.start_writeback = shipped
+            times[name].append(timeline_medians()[-1][1])
+        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.2f} ms" for k, v in times.items()))
+    ratios = [a / b for a, b in zip(times["writeback"], times["no writeback"], strict=True)]
+    print(
+        f"median one C-STORE: writeback {statistics.median(times['writeback']):.2f} ms, "
+        f"no writeback {statistics.median(times['no writeback']):.2f} ms; paired ratio "
+        f"median {statistics.median(ratios):.3f}; load average {os.getloadavg()[0]:.2f}"
+    )
+
+
 def main() -> int:
-    """Run and print the per-stage table."""
+    """Run and print the per-stage table (or alternate writeback on and off)."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--images", type=int, default=50)
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--port", type=int, default=21100)
+    parser.add_argument(
+        "--alternate-writeback",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="alternate writeback while receiving on/off for ROUNDS rounds (paired medians)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="radflag-profile-"))
     try:
         files = make_images(work / "images", args.images, args.size)
-        settings = Settings.model_validate(
-            {
-                "listener": {"ae_title": "RADFLAG", "host": "127.0.0.1", "port": args.port},
-                "storage": {"spool_dir": str(work / "spool"), "results_dir": str(work / "res")},
-                "database": {"url": f"sqlite:///{work / 'radflag.db'}"},
-                "completion": {"quiet_period_s": 86400},
-                "privacy": {"pseudonym_key": "profile"},
-                "logging": {"level": "WARNING"},
-            }
-        )
-        with instrumented():
-            app = Radflag(settings, models=[])
-            app.start()
-            try:
-                argv = [str(STORESCU), "-aec", "RADFLAG", "127.0.0.1", str(args.port)]
-                env = {**os.environ, "TCP_NODELAY": "1"}
-                start = time.perf_counter()
-                subprocess.run([*argv, *map(str, files)], check=True, env=env, timeout=600)
-                wall = time.perf_counter() - start
-            finally:
-                app.stop()
-        n = args.images
-        print(
-            f"{n} images of {args.size}^2, one association: {wall:.2f} s, "
-            f"{n / wall:.1f} images/s, {wall / n * 1000:.1f} ms per image\n"
-        )
-        print("| stage | calls per image | ms per image | % of wall |")
-        print("|---|---:|---:|---:|")
-        for name, total in _totals.items():
-            print(
-                f"| {name} | {_counts[name] / n:.1f} | {total / n * 1000:.2f} "
-                f"| {total / wall * 100:.0f} |"
-            )
-        print("\n| one C-STORE, in order | median ms |\n|---|---:|")
-        for label, ms in timeline_medians():
-            print(f"| {label} | {ms:.2f} |")
-        print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+        if args.alternate_writeback:
+            alternate_writeback(files, work, args.port, args.alternate_writeback)
+        else:
+            print_tables(args.images, args.size, run_once(files, work, args.port))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
