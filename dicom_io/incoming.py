@@ -12,8 +12,9 @@ file durable before the C-STORE is answered (:meth:`IncomingFile.sync`) waits on
 tail. ``sync_file_range`` alone guarantees nothing (no metadata, no disk cache flush): it is a
 hint, its errors are ignored, and the ``fsync`` stays. (Measured on one association, 8 MiB
 data sets, alternated with writeback off on a loaded 2-core machine: the final ``fsync`` fell
-from 5-7 ms to 0.3-3 ms, receiving took 0.5-1 ms longer, and the median time per C-STORE
-fell by 6-23 % in three paired runs; neutral over 4 associations.)
+from 5-7 ms to 0.3-3 ms, receiving took 0.5-1 ms longer; the median time per C-STORE was
+0.78-1.01 x (median 0.91 x) that without writeback in five paired runs; neutral over 4
+associations. ``scripts/profile_ingest.py --alternate-writeback`` repeats the comparison.)
 
 Writes never raise (they run in pynetdicom's reader thread, where an exception would abort
 the association): the first error is kept in :attr:`IncomingFile.error`, later bytes are
