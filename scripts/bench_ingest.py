@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -88,6 +89,8 @@ class Row:
     images: int
     seconds: float
     mbytes: float
+    round: int = 0
+    """Which round of :func:`run_ingest` (receivers alternate within a round)."""
 
     @property
     def images_per_s(self) -> float:
@@ -227,6 +230,7 @@ def measure(
     files: Sequence[Path],
     work: Path,
     associations: Sequence[int],
+    round_no: int = 0,
 ) -> list[Row]:
     """Each association count against a fresh receiver; checks that all files were stored."""
     mbytes = sum(f.stat().st_size for f in files) / 1e6
@@ -242,7 +246,7 @@ def measure(
             stored = target.count()
             if stored != len(files):
                 raise RuntimeError(f"{target.name} stored {stored} of {len(files)}")
-            rows.append(Row(target.name, mode_name(k), len(files), seconds, mbytes))
+            rows.append(Row(target.name, mode_name(k), len(files), seconds, mbytes, round_no))
             print(f"  {target.name:15s} {mode_name(k):22s} {seconds:7.2f} s", flush=True)
         shutil.rmtree(run_dir, ignore_errors=True)
     return rows
@@ -269,8 +273,13 @@ def run_ingest(
     *,
     size: int = 2048,
     targets: Sequence[str] = (STORESCP_NAME, ORTHANC, RADFLAG),
+    rounds: int = 1,
 ) -> list[Row]:
     """Measure every receiver in ``targets`` with every association count, in one run.
+
+    With ``rounds`` > 1 every receiver is measured once per round and the order of the
+    receivers turns by one each round, so a burst of load elsewhere on the machine hits
+    different receivers in different rounds; compare with :func:`round_ratios`.
 
     Parameters
     ----------
@@ -284,51 +293,67 @@ def run_ingest(
         Rows = columns.
     targets
         Receivers to measure (names as in :data:`TARGETS`).
+    rounds
+        How often every receiver is measured.
 
     Returns
     -------
     list[Row]
-        One row per receiver and association count.
+        One row per round, receiver and association count.
     """
     files = make_images(work / "images", n_images, size)
     rows: list[Row] = []
     with tcp_nodelay_env(), NetNamespace(max_lifetime_s=3600) as ns:
-        for name in targets:
-            rows += measure(ns, TARGETS[name], files, work, associations)
+        for round_no in range(rounds):
+            turn = round_no % len(targets)
+            for name in [*targets[turn:], *targets[:turn]]:
+                rows += measure(ns, TARGETS[name], files, work, associations, round_no)
     return rows
 
 
+def round_ratios(rows: Sequence[Row], target: str, baseline: str, mode: str) -> list[float]:
+    """``target`` / ``baseline`` images/s in each round where both were measured in ``mode``."""
+    by = {(r.round, r.target, r.mode): r for r in rows}
+    ratios = []
+    for rnd in sorted({r.round for r in rows}):
+        num, den = by.get((rnd, target, mode)), by.get((rnd, baseline, mode))
+        if num is not None and den is not None:
+            ratios.append(num.images_per_s / den.images_per_s)
+    return ratios
+
+
 def report(rows: Sequence[Row]) -> str:
-    """Markdown table, then radflag's ratios to storescp and to Orthanc and the two goals."""
-    by = {(r.target, r.mode): r for r in rows}
+    """Markdown table, then radflag's ratios to storescp and to Orthanc and the two goals.
+
+    Each ratio is the median of the per-round ratios (every round listed beside it).
+    """
     lines = [
-        "| receiver | mode | images | s | images/s | MB/s |",
-        "|---|---|---:|---:|---:|---:|",
+        "| round | receiver | mode | images | s | images/s | MB/s |",
+        "|---:|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.target} | {r.mode} | {r.images} | {r.seconds:.2f} | {r.images_per_s:.1f} "
-            f"| {r.mb_per_s:.0f} |"
+            f"| {r.round + 1} | {r.target} | {r.mode} | {r.images} | {r.seconds:.2f} "
+            f"| {r.images_per_s:.1f} | {r.mb_per_s:.0f} |"
         )
     lines.append("")
     for mode in dict.fromkeys(r.mode for r in rows):
-        rad = by.get((RADFLAG, mode))
-        if rad is None:
-            continue
         parts = []
         for other, goal in (
             (STORESCP_NAME, 0.5 if mode != "1 association" else None),
             (ORTHANC, 2.0 if mode == "1 association" else None),
         ):
-            base = by.get((other, mode))
-            if base is None:
+            ratios = round_ratios(rows, RADFLAG, other, mode)
+            if not ratios:
                 continue
-            ratio = rad.images_per_s / base.images_per_s
+            ratio = statistics.median(ratios)
             verdict = (
                 "" if goal is None else f" ({'meets' if ratio >= goal else 'misses'} >= {goal:g}x)"
             )
-            parts.append(f"radflag/{other} {ratio:.2f}x{verdict}")
-        lines.append(f"{mode}: " + "; ".join(parts))
+            each = ", ".join(f"{x:.2f}" for x in ratios)
+            parts.append(f"radflag/{other} {ratio:.2f}x{verdict} [rounds: {each}]")
+        if parts:
+            lines.append(f"{mode}: " + "; ".join(parts))
     return "\n".join(lines)
 
 
@@ -347,6 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS), metavar="NAME"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure every receiver this often, alternating (1)"
+    )
     parser.add_argument("--work-dir", type=Path, default=None, help="scratch folder (temp)")
     args = parser.parse_args(argv)
 
@@ -354,7 +382,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         print(f"{args.images} images of {args.size}^2 x 16 bit in {work}", flush=True)
         rows = run_ingest(
-            args.images, args.associations, work, size=args.size, targets=args.targets
+            args.images,
+            args.associations,
+            work,
+            size=args.size,
+            targets=args.targets,
+            rounds=args.rounds,
         )
         print()
         print(report(rows))
