@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from model.bundle import Bundle, default_bundle_path, load_bundle  # noqa: E402
 from scripts.bench.corpus import StudyWriter, flatten, keep_applicable, render_sources  # noqa: E402
-from scripts.bench.ingest import run_ingest  # noqa: E402
+from scripts.bench.ingest import IngestPlan, run_ingest  # noqa: E402
 from scripts.bench.sections import bare_throughput, latency, peak_memory, throughput  # noqa: E402
 from scripts.bench.stack import (  # noqa: E402
     BenchTimeout,
@@ -90,6 +90,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--memory-cap-mb", type=float, default=6000, help="kill radflag above this")
     p.add_argument("--ingest-images", type=int, default=200)
     p.add_argument("--ingest-size", type=int, default=2048)
+    p.add_argument(
+        "--ingest-rounds", type=int, default=3, help="ingest: every receiver this often (3)"
+    )
     p.add_argument("--associations", type=int, nargs="+", default=[1, 4])
     p.add_argument("--quiet-period", type=float, default=1.0, help="completion.quiet_period_s")
     p.add_argument("--max-minutes", type=float, default=90, help="bound on the whole run")
@@ -252,9 +255,11 @@ class Run:
                 self.serve_sections(ns, want)
         if "ingest" in want:
             a = self.args
-            say(f"ingest: {a.ingest_images} x {a.ingest_size}^2")
+            say(f"ingest: {a.ingest_images} x {a.ingest_size}^2, {a.ingest_rounds} rounds")
             self.figures.ingest = run_ingest(
-                a.ingest_images, a.ingest_size, a.associations, self.work, self.deadline
+                IngestPlan(a.ingest_images, a.ingest_size, a.associations, a.ingest_rounds),
+                self.work,
+                self.deadline,
             )
 
 

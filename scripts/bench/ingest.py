@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from scripts.bench.stack import Deadline
@@ -17,14 +18,22 @@ from scripts.bench_ingest import Row
 from scripts.bench_ingest import run_ingest as _run_ingest
 
 
-def run_ingest(
-    n_images: int,
-    size: int,
-    associations: Sequence[int],
-    work: Path,
-    deadline: Deadline,
-) -> list[Row]:
-    """Every receiver at every association count, on the same ``n_images`` files.
+@dataclass(frozen=True)
+class IngestPlan:
+    """What the section sends and how often.
+
+    ``images`` of ``size``² over each association count, ``rounds`` times per receiver
+    (receivers alternate; ratios are paired within a round).
+    """
+
+    images: int
+    size: int
+    associations: Sequence[int]
+    rounds: int = 1
+
+
+def run_ingest(plan: IngestPlan, work: Path, deadline: Deadline) -> list[Row]:
+    """Every receiver at every association count, on the same files, ``plan.rounds`` times.
 
     Each ``storescu`` run is bounded by ``scripts/bench_ingest.py`` itself (900 s); the
     section is skipped by the caller when ``deadline`` has run out.
@@ -32,10 +41,12 @@ def run_ingest(
     if deadline.left() <= 0:
         raise TimeoutError("no time left for the ingest section")
     try:
-        return _run_ingest(n_images, associations, work / "ingest", size=size)
+        return _run_ingest(
+            plan.images, plan.associations, work / "ingest", size=plan.size, rounds=plan.rounds
+        )
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(work / "ingest")
 
 
-__all__ = ["Row", "run_ingest"]
+__all__ = ["IngestPlan", "Row", "run_ingest"]
