@@ -53,6 +53,7 @@ from daemon.sendloop import KickAfter, RoundLoop
 from daemon.settings import Settings
 from daemon.sink import DatabaseSink, DuplicatePushHandler
 from daemon.versions import warn_version_drift
+from daemon.warmup import warm_up_sr_encoder
 from daemon.worker import Worker
 from db.admin_models import ModelIdentity, record_models_in_use
 from db.audit import AuditEventType, audit, set_audit_process
@@ -344,6 +345,8 @@ class Radflag:
         self._audit_started()
         if "worker" in self.roles:
             self._record_models()
+            warm_s = warm_up_sr_encoder()  # the first study must not pay highdicom's tables
+            log.debug("SR encoder warmed up", extra={"seconds": warm_s})
         self._schedule_jobs()
         self.scheduler.start()
         if "sender" in self.roles:
