@@ -90,13 +90,17 @@ class ReadinessTimer:
         self._due: OrderedDict[str, float] = OrderedDict()
         self._cond = threading.Condition()
         self._stopping = False
+        self._waiting_until: float | None = None
+        """When the thread will look again (None: not before an arm())."""
         self._thread: threading.Thread | None = None
 
     def arm(self, study_uid: str) -> None:
         """(Re-)arm the study's deadline: one quiet period from now."""
         with self._cond:
-            self._set(study_uid, self._clock() + self._policy.quiet_period_s)
-            self._cond.notify()
+            due = self._clock() + self._policy.quiet_period_s
+            self._set(study_uid, due)
+            if self._waiting_until is None or due < self._waiting_until:
+                self._cond.notify()  # else the thread looks in time anyway (one wake per study)
 
     def _set(self, study_uid: str, due: float) -> None:
         """Set a deadline (caller holds the lock); drop the oldest armed beyond the bound."""
@@ -169,7 +173,9 @@ class ReadinessTimer:
                     return
                 wait_s = self._wait_s()
                 if wait_s is None or wait_s > 0:
+                    self._waiting_until = None if wait_s is None else self._clock() + wait_s
                     self._cond.wait(wait_s)
+                    self._waiting_until = None
 
 
 class ReadyQuietStudies:
