@@ -8,6 +8,11 @@ clock; on start it reclaims at once the studies of its own dead previous incarna
 Scheduled jobs that must run once per cluster (completion, lease expiry, reclaim of dead
 processes, retention) take a PostgreSQL advisory lock (:mod:`db.locks`).
 
+Nothing on the path of an idle study waits for a polling tick: the listener arms the study's
+quiet-period deadline (:mod:`daemon.readiness`), which readies it and wakes the worker on
+time; once the worker has recorded it, the sender's round starts at once
+(:mod:`daemon.sendloop`). The periodic jobs stay as the cluster-wide fallback.
+
 Start order: database schema check -> models loaded (warm) -> scheduler and worker -> listener
 (accepting associations last). Stop order is the reverse: stop accepting associations and let
 the ones in flight finish, stop the scheduler, let the worker finish its study, hand any lease
@@ -42,10 +47,13 @@ from daemon.metrics import (
 from daemon.models import LoadedModel, load_models
 from daemon.pipeline import StudyProcessor
 from daemon.proc import install_log_filter, remove_log_filter, serve_identity, set_thread_role
+from daemon.readiness import ArmingSink, DeadlinePolicy, ReadinessTimer, ReadyQuietStudies
 from daemon.retention import purge_spool
+from daemon.sendloop import KickAfter, RoundLoop
 from daemon.settings import Settings
 from daemon.sink import DatabaseSink, DuplicatePushHandler
 from daemon.versions import warn_version_drift
+from daemon.warmup import warm_up_sr_encoder
 from daemon.worker import Worker
 from db.admin_models import ModelIdentity, record_models_in_use
 from db.audit import AuditEventType, audit, set_audit_process
@@ -148,10 +156,18 @@ class Radflag:
         self.processor = StudyProcessor(
             settings, self.sessions, self.spool, self.results, self.models
         )
+        self.send_loop = RoundLoop(self.deliver, settings.delivery.check_interval_s)
+        """Sender rounds: periodic, and at once after a study is recorded (``sender`` role)."""
+        quiet_s = settings.completion.quiet_period_s
+        self.readiness = ReadinessTimer(
+            DeadlinePolicy(quiet_period_s=quiet_s),
+            ReadyQuietStudies(self.engine, self.sessions, quiet_s, self._on_ready),
+        )
+        """Per-study quiet-period deadlines armed by this process's listener."""
         self.worker = Worker(
             self.worker_id,
             self.sessions,
-            ObservedProcessor(self.processor, self.metrics),
+            ObservedProcessor(KickAfter(self.processor, self._kick_sender), self.metrics),
             lease_s=settings.worker.lease_s,
             poll_interval_s=settings.worker.poll_interval_s,
             heartbeat_interval_s=settings.worker.heartbeat_interval_s,
@@ -176,11 +192,14 @@ class Radflag:
             ),
             self.spool,
             CountingSink(
-                DatabaseSink(
-                    self.sessions,
-                    policy,
-                    on_duplicate=DuplicatePushHandler(settings, self.sessions),
-                    spool_root=self.spool.root,
+                ArmingSink(
+                    DatabaseSink(
+                        self.sessions,
+                        policy,
+                        on_duplicate=DuplicatePushHandler(settings, self.sessions),
+                        spool_root=self.spool.root,
+                    ),
+                    self.readiness.arm,
                 ),
                 self.metrics,
             ),
@@ -192,6 +211,7 @@ class Radflag:
         self.sender = Sender(
             self.sessions, settings.delivery, self.results, self.worker_id, self._delivery_tls
         )
+        self.sender.notify_free(self._kick_sender)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._stopped = threading.Event()
         self._started = False
@@ -261,6 +281,17 @@ class Radflag:
             if "worker" in self.roles:
                 self.worker.wake()
 
+    def _on_ready(self, ready: list[str]) -> None:
+        """Studies became READY at their deadline: wake the local worker."""
+        log.info("studies ready", extra={"ready": len(ready), "trigger": "deadline"})
+        if "worker" in self.roles:
+            self.worker.wake()
+
+    def _kick_sender(self) -> None:
+        """Start a sender round now: outbox rows were just committed or a slot freed."""
+        if "sender" in self.roles:
+            self.send_loop.kick()
+
     def beat(self) -> None:
         """Scheduled in every process: renew this process's heartbeat (database clock)."""
         set_thread_role("heartbeat")
@@ -271,7 +302,7 @@ class Radflag:
             log.error("heartbeat failed: %s", type(exc).__name__)
 
     def deliver(self) -> None:
-        """Scheduled: send due outbox entries."""
+        """One sender round (:attr:`send_loop`): send due outbox entries."""
         set_thread_role("sender")
         observe_delivery_round(self.metrics, self.sender.run_round())
 
@@ -314,11 +345,16 @@ class Radflag:
         self._audit_started()
         if "worker" in self.roles:
             self._record_models()
+            warm_s = warm_up_sr_encoder()  # the first study must not pay highdicom's tables
+            log.debug("SR encoder warmed up", extra={"seconds": warm_s})
         self._schedule_jobs()
         self.scheduler.start()
+        if "sender" in self.roles:
+            self.send_loop.start()
         if "worker" in self.roles:
             self.worker.start()
         if "listener" in self.roles:
+            self.readiness.start()
             self.listener.start()
         self._started = True
         threading.Thread(
@@ -386,8 +422,6 @@ class Radflag:
         every(self.beat, self.settings.worker.heartbeat_interval_s, "heartbeat")
         if "scheduler" in self.roles:
             every(self.complete_studies, self.settings.completion.check_interval_s, "complete")
-        if "sender" in self.roles:
-            every(self.deliver, self.settings.delivery.check_interval_s, "deliver")
         if "scheduler" in self.roles and self.settings.retention.enabled:
             every(
                 self.purge_spool,
@@ -418,9 +452,12 @@ class Radflag:
         if self._started:
             if "listener" in self.roles:
                 self.listener.stop(grace_s=self.settings.listener.shutdown_grace_s)
+                self.readiness.stop()
             # No new job from here on (avoids APScheduler's submit-after-shutdown race).
             self.scheduler.pause()
             self.scheduler.shutdown(wait=True)
+            if not self.send_loop.stop(timeout_s=self.settings.delivery.timeout_s):
+                log.warning("a sender round is still running at shutdown")
             grace_s = max(30.0, self.settings.listener.shutdown_grace_s)
             if "worker" in self.roles and not self.worker.stop(timeout_s=grace_s):
                 log.warning("worker still busy at shutdown; its study goes back to the queue")

@@ -1,12 +1,14 @@
 """The outbox sender: claimed result objects go out, one association per destination.
 
-Each round (:meth:`Sender.run_round`, scheduled) claims the due entries of destinations that
-are not being served yet (:func:`db.outbox.claim_due`, SKIP LOCKED + lease) and hands each
-destination's entries to a bounded thread pool: one association carries all of them
-(PS3.7 9.1.1, :func:`dicom_io.scu.open_association`), and each attempt is recorded against
-the claim as soon as its C-STORE response is in. Destinations are served concurrently, and a
-round never waits for a slow one, so a dead destination (connect timeout) delays nobody
-else; its entries back off with jitter (:class:`db.outbox.BackoffPolicy`).
+Each round (:meth:`Sender.run_round`: periodic, and at once when a study's outbox rows are
+committed or a destination's association ends, :mod:`daemon.sendloop`) claims the due
+entries of destinations that are not being served yet (:func:`db.outbox.claim_due`, SKIP
+LOCKED + lease) and hands each destination's entries to a bounded thread pool: one
+association carries all of them (PS3.7 9.1.1, :func:`dicom_io.scu.open_association`), and
+each attempt is recorded against the claim as soon as its C-STORE response is in.
+Destinations are served concurrently, and a round never waits for a slow one, so a dead
+destination (connect timeout) delays nobody else; its entries back off with jitter
+(:class:`db.outbox.BackoffPolicy`).
 
 Fallbacks before an entry is declared dead:
 
@@ -28,7 +30,7 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
@@ -107,6 +109,15 @@ class Sender:
         self._busy: Counter[str] = Counter()
         self._counts: Counter[str] = Counter()
         self._stopping = threading.Event()
+        self._on_free: Callable[[], None] | None = None
+
+    def notify_free(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever a destination's association ends (its slot is free).
+
+        The daemon starts the next round then (:meth:`daemon.sendloop.RoundLoop.kick`), so
+        entries that became due while the destination was busy do not wait for the next tick.
+        """
+        self._on_free = callback
 
     # -- scheduling -------------------------------------------------------------------------
     def run_round(self) -> dict[str, int]:
@@ -171,12 +182,17 @@ class Sender:
     # -- one destination --------------------------------------------------------------------
     def _serve(self, key: _GroupKey, entries: list[DueDelivery]) -> None:
         todo = list(entries)
+        ended_normally = False
         try:
             self._send_group(key, todo)
+            ended_normally = True
         except Exception:  # noqa: BLE001 - never lose claims to a bug: give them back
             log.exception("sender failed; releasing its claims", extra={"destination": key[0]})
         finally:
             self._done(key, [d.delivery_id for d in todo])
+        # After a bug the released entries wait for the periodic round (no hot loop).
+        if ended_normally and self._on_free is not None and not self._stopping.is_set():
+            self._on_free()
 
     def _done(self, key: _GroupKey, unsent: list[int]) -> None:
         """Release what was not sent (its lease lapses if even that fails); free the slot."""

@@ -182,6 +182,8 @@ class CompletionSettings(_Section):
 
     quiet_period_s: float = Field(30.0, ge=0)
     check_interval_s: float = Field(2.0, gt=0)
+    """Period of the cluster-wide completion job; the listener that received a study readies
+    it at the end of its quiet period itself (:mod:`daemon.readiness`), this is the fallback."""
     on_duplicate_study: OnDuplicateStudy = "ignore"
     """A finished study pushed again (only instances already received): ``ignore`` it,
     ``resend`` its results to the destinations, or ``reprocess`` it."""
@@ -253,6 +255,8 @@ class DeliverySettings(_Section):
     backoff_base_s: float = Field(10.0, ge=0)
     backoff_max_s: float = Field(600.0, ge=0)
     check_interval_s: float = Field(2.0, gt=0)
+    """Longest wait between two sender rounds; a round also starts at once when a study's
+    results are recorded in this process or an association ends (:mod:`daemon.sendloop`)."""
     timeout_s: float = Field(30.0, gt=0)
     tls: DeliveryTlsSettings = DeliveryTlsSettings()
     max_parallel_destinations: int = Field(4, ge=1, le=64)

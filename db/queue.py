@@ -13,6 +13,7 @@ late instance re-opens the study and the result of the stale run is discarded
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -448,3 +449,25 @@ def release_own_leases(sessions: sessionmaker[Session], worker_id: str) -> list[
             )
             released.append(study.study_instance_uid)
     return released
+
+
+def quiet_left(
+    sessions: sessionmaker[Session], study_uids: Collection[str], quiet_period_s: float
+) -> dict[str, float]:
+    """Return the seconds of quiet period left for each of ``study_uids`` still RECEIVING.
+
+    Computed on the database's clock (:func:`db.clock.db_now`), which is the clock
+    :func:`mark_ready` compares with; 0 or less means quiet already (not marked READY yet).
+    Studies in any other state, or unknown, are left out.
+    """
+    if not study_uids:
+        return {}
+    with sessions() as session:
+        now = db_now(session)
+        rows = session.execute(
+            select(Study.study_instance_uid, Study.last_received_at).where(
+                Study.study_instance_uid.in_(sorted(study_uids)),
+                Study.state == StudyState.RECEIVING.value,
+            )
+        ).all()
+    return {uid: (last - now).total_seconds() + quiet_period_s for uid, last in rows}

@@ -20,7 +20,7 @@ from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import AuditEvent, Instance, Process, Study
+from db.models import AuditEvent, Delivery, Instance, Process, Study
 from tests.cluster.serve import Serve, free_port, launch, write_config
 from tests.daemon.conftest import storage_scp, tiny_bundle  # noqa: F401 - fixture
 from tests.peers.dcmtk import dcmsend
@@ -35,6 +35,19 @@ def _states(sessions: sessionmaker[Session]) -> Counter[str]:
     with sessions() as s:
         rows = s.execute(select(Study.state, func.count()).group_by(Study.state)).all()
     return Counter({str(state): int(n) for state, n in rows})
+
+
+def _claimed_by(sessions: sessionmaker[Session], pid: int) -> set[str]:
+    """SOP Instance UIDs of the outbox entries the process ``pid`` holds (SENDING)."""
+    with sessions() as s:
+        owner = s.scalars(select(Process.id).where(Process.pid == pid)).one()
+        return set(
+            s.scalars(
+                select(Delivery.sop_instance_uid).where(
+                    Delivery.state == "SENDING", Delivery.lease_owner == owner
+                )
+            ).all()
+        )
 
 
 def _tiny_studies(out: Path) -> list[Path]:
@@ -97,6 +110,7 @@ def test_three_processes_one_killed(
             at_kill = _states(pg_sessions)
             killed_pid = procs["B"].proc.pid
             procs["B"].kill9()
+            in_flight = _claimed_by(pg_sessions, killed_pid)  # B can change nothing now
 
             deadline = time.monotonic() + 120
             while _states(pg_sessions)["DONE"] < N_STUDIES:
@@ -108,7 +122,10 @@ def test_three_processes_one_killed(
                 serve.stop()
         received = Counter(str(ds.SOPInstanceUID) for ds in pacs.received)
 
-    print(f"at kill: {dict(at_kill)}; PACS C-STOREs {sum(received.values())}")
+    print(
+        f"at kill: {dict(at_kill)}; claimed by B: {len(in_flight)}; "
+        f"PACS C-STOREs {sum(received.values())}"
+    )
     with pg_sessions() as s:
         instances = s.scalars(select(Instance)).all()
         classified = Counter(
@@ -135,7 +152,11 @@ def test_three_processes_one_killed(
         lines = [json.loads(x) for x in serve.log().splitlines() if x.startswith("{")]
         assert lines and all({"host", "pid", "process_id", "role"} <= set(r) for r in lines)
         assert "worker" in {r["role"] for r in lines}, name
-    # every result object received once (outbox claims: SKIP LOCKED, SENDING with a lease)
+    # every result object received once (outbox claims: SKIP LOCKED, SENDING with a lease),
+    # except one the killed sender held: its C-STORE may have reached the PACS before the
+    # kill and the record; the claim is given back and re-sent with the same UIDs (by design,
+    # daemon/delivery.py). Senders that start a round as soon as a study is recorded are
+    # often mid-send when the test kills B right after a study became DONE.
     assert len(received) == N_STUDIES
     duplicates = {uid: n for uid, n in received.items() if n > 1}
-    assert not duplicates
+    assert set(duplicates) <= in_flight and set(duplicates.values()) <= {2}, in_flight
