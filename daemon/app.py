@@ -77,6 +77,9 @@ from dicom_io.spool import Spool
 
 log = logging.getLogger(__name__)
 
+TEMP_FILE_MAX_AGE_S = 3600.0
+"""Age (mtime) after which a spool temporary file is a crash's leftover, and sweep period."""
+
 _LISTENER_AUDIT: dict[str, AuditEventType] = {
     ListenerEventKind.ASSOCIATION_REJECTED.value: AuditEventType.ASSOCIATION_REJECTED,
     ListenerEventKind.STORE_FAILED.value: AuditEventType.INSTANCE_REJECTED,
@@ -318,6 +321,20 @@ class Radflag:
                     results_root=self.results.root,
                 )
 
+    def sweep_temp_files(self) -> None:
+        """Scheduled, once per cluster: delete temporary files a crash left in the spools.
+
+        A C-STORE streams into a temporary file that is renamed into place only when complete
+        (:meth:`dicom_io.spool.Spool.open_incoming`); a crash or a killed process leaves it.
+        Only files untouched for :data:`TEMP_FILE_MAX_AGE_S` go (a write in progress updates
+        its file's mtime far more often), so processes sharing the spool lose nothing.
+        """
+        set_thread_role("scheduler")
+        with cluster_singleton(self.engine, "sweep_temp_files") as mine:
+            if mine:
+                for store in (self.spool, self.results):
+                    store.sweep_temp_files(min_age_s=TEMP_FILE_MAX_AGE_S)
+
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         """Register, reclaim dead incarnations' work, start jobs, worker, then the listener."""
@@ -422,6 +439,8 @@ class Radflag:
         every(self.beat, self.settings.worker.heartbeat_interval_s, "heartbeat")
         if "scheduler" in self.roles:
             every(self.complete_studies, self.settings.completion.check_interval_s, "complete")
+        if "scheduler" in self.roles:
+            every(self.sweep_temp_files, TEMP_FILE_MAX_AGE_S, "sweep_temp", next_run_time=utcnow())
         if "scheduler" in self.roles and self.settings.retention.enabled:
             every(
                 self.purge_spool,
