@@ -130,7 +130,7 @@ class Run:
         self.work = work
         self.figures = figures
         self.deadline = Deadline(args.max_minutes * 60)
-        self.ports = Ports()
+        self.ports = Ports(11200, 11299)
         self.bundle: Bundle = load_bundle(args.bundle)
         self._writer: StudyWriter | None = None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import weakref
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ import daemon.stages.reading
 from daemon.models import LoadedModel
 from daemon.pipeline import StudyProcessor
 from daemon.stages.finish import Finisher
+from daemon.stages.heatmap import heatmap_picture, key_image
 from daemon.stages.inputs import model_input
 from daemon.stages.plan import own_identity, plan_study
 from daemon.stages.prepare import Preparer, prepare_image
@@ -272,3 +274,34 @@ def test_studies_in_flight_share_the_model_batches(
         alone = clf.classify_prepared([preprocess(pixels, meta, clf.spec)])[0].probability
         assert results[k] == pytest.approx(alone, abs=1e-5)
     assert len({round(p, 6) for p in results.values()}) == 3  # a mix-up would show
+
+
+def test_heatmap_picture_uses_the_cam_of_the_classify_pass(
+    tmp_path: Path, tiny_models: list[LoadedModel]
+) -> None:
+    """With SC wanted, no second forward: the picture equals the two-pass one."""
+    claim = _study(tmp_path / "s", 1)
+    settings = make_settings(tmp_path, 1, worker={"device": "cpu"})
+    dest = settings.destinations[0].model_copy(update={"outputs": ["SR", "SC"]})
+    settings = settings.model_copy(update={"destinations": [dest]})
+    sessions = sessionmaker(create_engine(f"sqlite:///{tmp_path / 'unused.db'}"))
+    processor = StudyProcessor(
+        settings, sessions, Spool(tmp_path / "spool"), Spool(tmp_path / "results"), tiny_models
+    )
+    try:
+        plan = plan_study(claim, tiny_models, processor._rules, own_identity(tiny_models))
+        classified = processor.classify(plan)
+        (preds,) = classified.predictions.values()
+        assert preds[0].cam is not None
+        verdict, _ = judge(plan.models[0], preds, False, 0.0)
+        assert verdict is not None and set(verdict.cams) == {verdict.key().uid}
+        (runner,) = processor.runners.values()
+        key = key_image(verdict, classified.kept)
+        single = heatmap_picture(verdict, key, runner)
+        assert runner.heatmap.items == 0  # no second forward pass
+        two_pass = heatmap_picture(dataclasses.replace(verdict, cams={}), key, runner)
+        assert runner.heatmap.items == 1
+    finally:
+        processor.close()
+    np.testing.assert_array_equal(single.display, two_pass.display)
+    np.testing.assert_allclose(single.heatmap, two_pass.heatmap, atol=1e-5)
