@@ -305,3 +305,44 @@ def test_heatmap_picture_uses_the_cam_of_the_classify_pass(
         processor.close()
     np.testing.assert_array_equal(single.display, two_pass.display)
     np.testing.assert_allclose(single.heatmap, two_pass.heatmap, atol=1e-5)
+
+
+def test_default_studies_in_flight_fill_batches_and_bound_kept_images(
+    tmp_path: Path, tiny_models: list[LoadedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One-image SR+SC studies, as many as the default allows in flight at once.
+
+    Their images share batches, and decoded images alive stay within the prepare threads
+    plus one kept per study in flight (not the number of studies queued).
+    """
+    settings = make_settings(tmp_path, 1, worker={"device": "cpu", "batch_latency_ms": 1000})
+    in_flight = settings.worker.studies_in_flight
+    assert in_flight == 4  # two left one-image batches half empty (issue 15)
+    dest = settings.destinations[0].model_copy(update={"outputs": ["SR", "SC"]})
+    settings = settings.model_copy(update={"destinations": [dest]})
+    counter = DecodedCounter()
+    monkeypatch.setattr(daemon.stages.reading, "read_image", counter.read_image)
+    claims = [_study(tmp_path / f"s{k}", 1, first_seed=10 * k) for k in range(in_flight)]
+    processor = StudyProcessor(
+        settings, sessionmaker(), Spool(tmp_path / "s"), Spool(tmp_path / "r"), tiny_models
+    )
+    kept: dict[int, int] = {}
+    start = threading.Barrier(in_flight)
+
+    def one(k: int) -> None:
+        plan = plan_study(claims[k], tiny_models, processor._rules, own_identity(tiny_models))
+        start.wait(timeout=30)
+        kept[k] = len(processor.classify(plan).kept)
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(in_flight)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        (runner,) = processor.runners.values()
+        assert runner.classify.items == in_flight and runner.classify.batches < in_flight
+    finally:
+        processor.close()
+    assert kept == dict.fromkeys(range(in_flight), 1)  # each keeps its image for its picture
+    assert counter.peak <= settings.worker.prepare_threads + in_flight, counter.peak
