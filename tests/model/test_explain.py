@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.bundle import Bundle, build_network, save_bundle
+from model.bundle import Bundle, build_network, default_bundle_path, load_bundle, save_bundle
 from model.explain import Explanation, cam_to_source, grad_cam
 from model.infer import Classifier
 from model.pixels import PixelMeta
@@ -293,8 +293,6 @@ def test_single_pass_cams_equal_the_two_pass_grad_cam(blob_bundle: Bundle) -> No
 
 
 def test_single_pass_cams_with_the_default_bundle_and_its_gate() -> None:
-    from model.bundle import default_bundle_path, load_bundle
-
     bundle = load_bundle(default_bundle_path())
     assert bundle.gate is not None  # the gate's verdicts come from the same pass
     clf = Classifier(bundle, device=torch.device("cpu"), batch_size=4)
