@@ -105,7 +105,8 @@ class StudyProcessor:
             max_latency_s=worker.batch_latency_ms / 1000,
             max_pending=worker.max_pending_images,
         )
-        self.runners = start_runners(models, config)
+        wants_sc = any("SC" in d.outputs for d in settings.destinations)
+        self.runners = start_runners(models, config, with_cams=wants_sc)
         self.preparer = Preparer(worker.prepare_threads)
         self._finisher = Finisher(settings, sessions, results, self.runners)
 

@@ -107,6 +107,51 @@ def grad_cam(
     )
 
 
+def head_cams(
+    net: torch.nn.Module, features: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the head on computed features and return logits, pooled features and Grad-CAMs.
+
+    The single-pass form of :func:`grad_cam` for the classify stage: ``features`` come from a
+    forward pass without autograd (``torch.no_grad``); only the head (pooling and linear
+    layer) is run with gradients, so the Grad-CAM of every image costs one backward through
+    the head, not a second forward through the network. The maps equal :func:`grad_cam`'s
+    (the gradient of the logit with respect to the last stage only flows through the head).
+
+    Parameters
+    ----------
+    net
+        A timm network in eval mode with one output logit (``forward_head(pre_logits=True)``
+        and ``get_classifier``).
+    features
+        The last stage's output (N, C, h, w), e.g. ``net.forward_features(batch)``.
+
+    Returns
+    -------
+    tuple
+        ``(logits (N,), pooled (N, D), cams (N, h, w) float32 >= 0)``, detached.
+
+    Raises
+    ------
+    TypeError
+        When ``features`` is not (N, C, h, w) or the network has no timm head API.
+    """
+    if features.ndim != 4:
+        raise TypeError(f"last stage output has shape {tuple(features.shape)}, not (N,C,h,w)")
+    forward_head = getattr(net, "forward_head", None)
+    get_classifier = getattr(net, "get_classifier", None)
+    if forward_head is None or get_classifier is None:
+        raise TypeError(f"{type(net).__name__} has no forward_head/get_classifier")
+    with torch.enable_grad():
+        leaf = features.detach().requires_grad_(True)
+        pooled = forward_head(leaf, pre_logits=True)
+        logits = get_classifier()(pooled).reshape(-1)
+        (grads,) = torch.autograd.grad(logits.float().sum(), leaf)
+    weights = grads.float().mean(dim=(2, 3), keepdim=True)
+    cams = torch.relu((weights * leaf.detach().float()).sum(dim=1))
+    return logits.detach(), pooled.detach(), cams
+
+
 def cam_to_source(
     cam: npt.NDArray[np.float32],
     source_shape: tuple[int, int],

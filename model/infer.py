@@ -12,16 +12,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from model.applicability import logits_and_features
+from model.applicability import layout_rows, logits_and_features
 from model.bundle import Aggregation, Bundle
-from model.explain import Explanation, cam_to_source, grad_cam
+from model.explain import Explanation, cam_to_source, grad_cam, head_cams
 from model.pixels import PixelMeta
 from model.preprocess import CropBox, crop_box, preprocess
 
@@ -65,11 +65,15 @@ class ImagePrediction:
         ``probability >= threshold``.
     not_applicable
         Why the applicability gate rejects the image, or None (also without a gate).
+    cam
+        Raw Grad-CAM map (h, w) of the last stage, computed in the same forward pass
+        (:meth:`Classifier.classify_with_cams`), else None.
     """
 
     probability: float
     positive: bool
     not_applicable: str | None = None
+    cam: npt.NDArray[np.float32] | None = field(default=None, compare=False, repr=False)
 
 
 def aggregate_study(
@@ -210,36 +214,63 @@ class Classifier:
         return self._forward(images, with_gate=False)[0]
 
     def _forward(
-        self, images: Sequence[npt.NDArray[Any]], with_gate: bool
-    ) -> tuple[npt.NDArray[np.float64], list[str | None]]:
-        """Return probabilities and, with the gate, why each image is refused (one pass)."""
+        self, images: Sequence[npt.NDArray[Any]], with_gate: bool, with_cams: bool = False
+    ) -> tuple[npt.NDArray[np.float64], list[str | None], list[npt.NDArray[np.float32] | None]]:
+        """Return probabilities, with the gate why each image is refused, and Grad-CAMs.
+
+        One forward pass per batch; ``with_cams`` adds one backward through the head.
+        """
         out = np.empty(len(images), dtype=np.float64)
         reasons: list[str | None] = []
+        cams: list[npt.NDArray[np.float32] | None] = []
         for start in range(0, len(images), self.batch_size):
-            probs, why = self._forward_batch(images[start : start + self.batch_size], with_gate)
-            out[start : start + len(probs)] = probs
-            reasons.extend(why)
-        return out, reasons
-
-    def _forward_batch(
-        self, chunk: Sequence[npt.NDArray[Any]], with_gate: bool
-    ) -> tuple[npt.NDArray[np.float64], list[str | None]]:
-        """Run one batch (at most ``batch_size`` inputs) through the staging buffer."""
-        gate = self.gate if with_gate else None
-        use_cuda = self.device.type == "cuda"
-        with self._lock, torch.inference_mode():
-            batch = self._batch_tensor(chunk)
-            with torch.autocast(device_type=self.device.type, enabled=use_cuda):
-                if gate is not None:
-                    logits, feats = logits_and_features(self._net, batch)
+            chunk = images[start : start + self.batch_size]
+            with self._lock:
+                batch = self._batch_tensor(chunk)
+                if with_cams:
+                    logits, rows, maps = self._run_with_cams(batch, with_gate)
                 else:
-                    logits = self._net(batch)
+                    logits, rows = self._run(batch, with_gate)
+                    maps = [None] * len(chunk)
             probs = torch.sigmoid(logits.float().reshape(-1) / self.temperature + self.logit_bias)
-            out = probs.cpu().numpy().astype(np.float64)
-            if gate is None:
-                return out, [None] * len(chunk)
-            rows = feats.float().cpu().numpy()
-        return out, gate.assess(rows)
+            out[start : start + len(chunk)] = probs.cpu().numpy().astype(np.float64)
+            reasons.extend([None] * len(chunk) if rows is None else self._assess(rows))
+            cams.extend(maps)
+        return out, reasons, cams
+
+    def _run(
+        self, batch: torch.Tensor, with_gate: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits and (with the gate) gate rows of one batch, without autograd."""
+        use_cuda = self.device.type == "cuda"
+        with (
+            torch.inference_mode(),
+            torch.autocast(device_type=self.device.type, enabled=use_cuda),
+        ):
+            if with_gate and self.gate is not None:
+                logits, rows = logits_and_features(self._net, batch)
+                return logits.detach(), rows.detach()
+            return self._net(batch).detach(), None
+
+    def _run_with_cams(
+        self, batch: torch.Tensor, with_gate: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[npt.NDArray[np.float32] | None]]:
+        """As :meth:`_run`, plus each image's Grad-CAM (:func:`model.explain.head_cams`)."""
+        use_cuda = self.device.type == "cuda"
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, enabled=use_cuda):
+            features = self._net.forward_features(batch)  # type: ignore[operator]
+            logits, pooled, cams = head_cams(self._net, features)
+            rows = None
+            if with_gate and self.gate is not None:
+                flat = pooled.reshape(pooled.shape[0], -1).float()
+                rows = torch.cat([flat, layout_rows(batch)], dim=1)
+        maps = cams.cpu().numpy().astype(np.float32)
+        return logits, rows, list(maps)
+
+    def _assess(self, rows: torch.Tensor) -> list[str | None]:
+        """Return the gate's verdict per row (None: applicable)."""
+        assert self.gate is not None  # rows exist only with a gate
+        return self.gate.assess(rows.float().cpu().numpy())
 
     def features(self, images: Sequence[npt.NDArray[Any]]) -> npt.NDArray[np.float32]:
         """Return pooled penultimate features (N, D) of preprocessed arrays (gate fitting).
@@ -275,10 +306,24 @@ class Classifier:
 
         The daemon's micro-batcher calls this with inputs of several studies at once.
         """
-        probs, reasons = self._forward(tensors, with_gate=True)
+        return self._predictions(tensors, with_cams=False)
+
+    def classify_with_cams(self, tensors: Sequence[npt.NDArray[Any]]) -> list[ImagePrediction]:
+        """As :meth:`classify_prepared`, each prediction with its raw Grad-CAM map.
+
+        One forward pass (probabilities and gate as :meth:`classify_prepared`, identical)
+        and one backward through the head: the maps equal those of
+        :meth:`heatmaps_prepared` within float tolerance, without its second forward.
+        """
+        return self._predictions(tensors, with_cams=True)
+
+    def _predictions(
+        self, tensors: Sequence[npt.NDArray[Any]], with_cams: bool
+    ) -> list[ImagePrediction]:
+        probs, reasons, cams = self._forward(tensors, with_gate=True, with_cams=with_cams)
         return [
-            ImagePrediction(float(p), bool(p >= self.threshold), why)
-            for p, why in zip(probs, reasons, strict=True)
+            ImagePrediction(float(p), bool(p >= self.threshold), why, cam)
+            for p, why, cam in zip(probs, reasons, cams, strict=True)
         ]
 
     def explain(self, items: Sequence[tuple[npt.NDArray[Any], PixelMeta]]) -> list[Explanation]:

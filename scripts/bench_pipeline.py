@@ -95,6 +95,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--associations", type=int, nargs="+", default=[1, 4])
     p.add_argument("--quiet-period", type=float, default=1.0, help="completion.quiet_period_s")
+    p.add_argument(
+        "--worker",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [worker] setting of the serve runs as TOML, e.g. studies_in_flight=4 (repeatable)",
+    )
     p.add_argument("--max-minutes", type=float, default=90, help="bound on the whole run")
     p.add_argument("--bundle", type=Path, default=default_bundle_path())
     p.add_argument("--data", type=Path, default=None, help="Kermany folder if it moved")
@@ -105,7 +112,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = set(args.sections) - set(SECTIONS) | set(args.variants) - set(VARIANTS)
     if unknown:
         p.error(f"unknown sections or variants: {sorted(unknown)}")
+    pairs = [item.partition("=") for item in args.worker]
+    if any(not key.strip() or not sep or not value.strip() for key, sep, value in pairs):
+        p.error(f"--worker wants KEY=VALUE, got {args.worker}")
+    args.worker = tuple((key.strip(), value.strip()) for key, _, value in pairs)
     return args
+
+
+def serve_options(args: argparse.Namespace, outputs: tuple[str, ...] = ("SR",)) -> ServeOptions:
+    """Return the serve configuration of the runs (``outputs``: the PACS destination's)."""
+    return ServeOptions(outputs=outputs, quiet_period_s=args.quiet_period, worker=args.worker)
 
 
 def conditions(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
@@ -117,7 +133,7 @@ def conditions(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str
         f"{os.getloadavg()[0]:.1f} (other work on the machine: compare ratios only)",
         f"images: Kermany validation radiographs rendered as 12-bit DX {args.size[0]}x"
         f"{args.size[1]} Explicit VR LE ({args.distinct} distinct sources, new UIDs each)",
-        f"serve: {ServeOptions(quiet_period_s=args.quiet_period).describe()}",
+        f"serve: {serve_options(args).describe()}",
         "e2e: dcmsend, one association, first byte sent -> mtime of the last result file "
         "written by storescp +B -pdu 131072 --fork (the PACS); latency: end of the probe's dcmsend "
         "-> mtime of its SR at the PACS",
@@ -133,7 +149,7 @@ class Run:
         self.work = work
         self.figures = figures
         self.deadline = Deadline(args.max_minutes * 60)
-        self.ports = Ports()
+        self.ports = Ports(11200, 11299)
         self.bundle: Bundle = load_bundle(args.bundle)
         self._writer: StudyWriter | None = None
 
@@ -159,7 +175,7 @@ class Run:
 
     def stack(self, ns: NetNamespace, name: str, outputs: tuple[str, ...]) -> Stack:
         """Start a serve stack (caller stops it)."""
-        opts = ServeOptions(outputs=outputs, quiet_period_s=self.args.quiet_period)
+        opts = serve_options(self.args, outputs)
         say(f"starting radflag serve ({name})")
         return Stack(ns, self.work / name, self.ports, opts)
 

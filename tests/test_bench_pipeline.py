@@ -118,3 +118,20 @@ def test_ingest_section_prints_the_ratios(tmp_path: Path) -> None:
     assert "median of 2 rounds" in _row(table, "(e) ingest radflag / Orthanc, 1 association")
     assert figures["ingest radflag / Orthanc 1 association"] > 0
     assert "(a) bare" not in table
+
+
+def test_worker_settings_reach_the_serve_configuration(tmp_path: Path) -> None:
+    """``--worker KEY=VALUE`` lands in the ``[worker]`` section radflag serve reads."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from daemon.settings import load_settings
+    from scripts.bench.stack import write_config
+    from scripts.bench_pipeline import parse_args, serve_options
+
+    args = parse_args(["--worker", "studies_in_flight=4", "--worker", "prepare_threads = 2"])
+    opts = serve_options(args, ("SR", "SC"))
+    assert "worker.studies_in_flight=4" in opts.describe()
+    path = write_config(tmp_path / "radflag.toml", tmp_path / "data", 11104, 11105, opts)
+    worker = load_settings(path, environ={}).worker
+    assert (worker.studies_in_flight, worker.prepare_threads) == (4, 2)
+    with pytest.raises(SystemExit):
+        parse_args(["--worker", "studies_in_flight"])

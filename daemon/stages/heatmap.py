@@ -35,7 +35,10 @@ def key_image(verdict: ModelVerdict, kept: Mapping[str, PreparedImage]) -> Prepa
 def heatmap_picture(
     verdict: ModelVerdict, key: PreparedImage, runner: ModelRunner
 ) -> HeatmapPicture:
-    """Compute the key image's Grad-CAM through the heatmap batcher, mapped onto the source.
+    """Map the key image's Grad-CAM onto the source and render the source for display.
+
+    The Grad-CAM is the one the classify pass computed (``verdict.cams``); without one it
+    is computed through the heatmap batcher.
 
     Raises
     ------
@@ -47,7 +50,9 @@ def heatmap_picture(
         raise ValueError("the key image was not kept decoded")
     classifier = verdict.loaded.classifier
     pixels, _ = model_input(image)
-    _, cam = runner.heatmap.submit(key.inputs[model_key(verdict.loaded)]).result()
+    cam = verdict.cams.get(key.selected.uid)
+    if cam is None:
+        _, cam = runner.heatmap.submit(key.inputs[model_key(verdict.loaded)]).result()
     shape = (int(pixels.shape[0]), int(pixels.shape[1]))
     heatmap = classifier.heatmap_on_source(cam, shape, crop_box(pixels, classifier.spec))
     display = to_display(model_pixels(image), to_pixel_meta(image), classifier.spec)

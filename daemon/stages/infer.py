@@ -2,8 +2,10 @@
 
 Every study in flight submits its preprocessed inputs to its models' batchers
 (:class:`model.batcher.MicroBatcher`); batches mix studies, and each future is resolved with
-its own image's prediction. Heatmaps (Grad-CAM: one forward and one backward over a batch of
-key images of several studies) go through a second batcher.
+its own image's prediction. When heatmap pictures are wanted, the classify batcher also
+returns each image's raw Grad-CAM from the same forward pass (one backward through the head,
+:meth:`model.infer.Classifier.classify_with_cams`); the heatmap batcher (a forward and a
+backward over a batch of key images) is only the fallback for a key image without one.
 """
 
 from __future__ import annotations
@@ -31,14 +33,17 @@ class ModelRunner:
         The model.
     config
         Batch size, latency bound and queue bound of both batchers.
+    with_cams
+        Classify with each image's Grad-CAM (when heatmap pictures are built).
     """
 
-    def __init__(self, loaded: LoadedModel, config: BatcherConfig) -> None:
+    def __init__(self, loaded: LoadedModel, config: BatcherConfig, with_cams: bool = False) -> None:
         clf = loaded.classifier
         name = model_key(loaded)
         self.loaded = loaded
+        classify = clf.classify_with_cams if with_cams else clf.classify_prepared
         self.classify: MicroBatcher[Input, ImagePrediction] = MicroBatcher(
-            clf.classify_prepared, config, name=f"radflag-infer-{name}"
+            classify, config, name=f"radflag-infer-{name}"
         ).start()
         self.heatmap: MicroBatcher[Input, RawHeatmap] = MicroBatcher(
             clf.heatmaps_prepared, config, name=f"radflag-heatmap-{name}"
@@ -50,6 +55,8 @@ class ModelRunner:
         return self.heatmap.stop(timeout_s) and first
 
 
-def start_runners(models: list[LoadedModel], config: BatcherConfig) -> dict[str, ModelRunner]:
+def start_runners(
+    models: list[LoadedModel], config: BatcherConfig, with_cams: bool = False
+) -> dict[str, ModelRunner]:
     """Start one :class:`ModelRunner` per model, filed by card name."""
-    return {model_key(m): ModelRunner(m, config) for m in models}
+    return {model_key(m): ModelRunner(m, config, with_cams) for m in models}

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
 
 from daemon.models import LoadedModel
 from daemon.stages.plan import ModelPlan, Selected
@@ -28,6 +31,9 @@ class ModelVerdict:
     infer_ms
         Wait for the predictions once the last input was queued (the preparation of the
         images, overlapped with inference, is timed as ``decode``).
+    cams
+        Raw Grad-CAM map per SOP Instance UID of ``chosen``, where the classify pass
+        computed them (heatmap pictures wanted), else empty.
     """
 
     loaded: LoadedModel
@@ -36,6 +42,9 @@ class ModelVerdict:
     probability: float
     positive: bool
     infer_ms: float
+    cams: Mapping[str, npt.NDArray[np.float32]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def key(self) -> Selected:
         """Return the key image: the top probability (the heatmap picture's source)."""
@@ -77,6 +86,7 @@ def judge(
         probability=probability,
         positive=probability >= card.threshold,
         infer_ms=infer_ms,
+        cams={s.uid: p.cam for s, p in pairs if p.cam is not None},
     )
     return verdict, rejected
 

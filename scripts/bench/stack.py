@@ -80,18 +80,23 @@ class ServeOptions:
     check_interval_s
         ``completion.check_interval_s``, ``delivery.check_interval_s`` and
         ``worker.poll_interval_s``.
+    worker
+        Further ``[worker]`` settings (name, TOML value), e.g. ``("studies_in_flight", "8")``.
     """
 
     outputs: tuple[str, ...] = ("SR",)
     quiet_period_s: float = 1.0
     check_interval_s: float = 0.5
+    worker: tuple[tuple[str, str], ...] = ()
 
     def describe(self) -> str:
         """One line for the report."""
         return (
             f"outputs={'+'.join(self.outputs)}, quiet_period_s={self.quiet_period_s:g}, "
             f"completion/delivery check and worker poll every {self.check_interval_s:g} s, "
-            "SQLite, default model bundle, other settings default"
+            "SQLite, default model bundle, "
+            + "".join(f"worker.{k}={v}, " for k, v in self.worker)
+            + "other settings default"
         )
 
 
@@ -114,6 +119,7 @@ def write_config(path: Path, data: Path, port: int, pacs_port: int, opts: ServeO
         f"check_interval_s = {opts.check_interval_s}",
         "[worker]",
         f"poll_interval_s = {opts.check_interval_s}",
+        *(f"{key} = {value}" for key, value in opts.worker),
         "[delivery]",
         f"check_interval_s = {opts.check_interval_s}",
         "[privacy]",

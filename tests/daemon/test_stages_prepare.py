@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import weakref
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ import daemon.stages.reading
 from daemon.models import LoadedModel
 from daemon.pipeline import StudyProcessor
 from daemon.stages.finish import Finisher
+from daemon.stages.heatmap import heatmap_picture, key_image
 from daemon.stages.inputs import model_input
 from daemon.stages.plan import own_identity, plan_study
 from daemon.stages.prepare import Preparer, prepare_image
@@ -272,3 +274,75 @@ def test_studies_in_flight_share_the_model_batches(
         alone = clf.classify_prepared([preprocess(pixels, meta, clf.spec)])[0].probability
         assert results[k] == pytest.approx(alone, abs=1e-5)
     assert len({round(p, 6) for p in results.values()}) == 3  # a mix-up would show
+
+
+def test_heatmap_picture_uses_the_cam_of_the_classify_pass(
+    tmp_path: Path, tiny_models: list[LoadedModel]
+) -> None:
+    """With SC wanted, no second forward: the picture equals the two-pass one."""
+    claim = _study(tmp_path / "s", 1)
+    settings = make_settings(tmp_path, 1, worker={"device": "cpu"})
+    dest = settings.destinations[0].model_copy(update={"outputs": ["SR", "SC"]})
+    settings = settings.model_copy(update={"destinations": [dest]})
+    sessions = sessionmaker(create_engine(f"sqlite:///{tmp_path / 'unused.db'}"))
+    processor = StudyProcessor(
+        settings, sessions, Spool(tmp_path / "spool"), Spool(tmp_path / "results"), tiny_models
+    )
+    try:
+        plan = plan_study(claim, tiny_models, processor._rules, own_identity(tiny_models))
+        classified = processor.classify(plan)
+        (preds,) = classified.predictions.values()
+        assert preds[0].cam is not None
+        verdict, _ = judge(plan.models[0], preds, False, 0.0)
+        assert verdict is not None and set(verdict.cams) == {verdict.key().uid}
+        (runner,) = processor.runners.values()
+        key = key_image(verdict, classified.kept)
+        single = heatmap_picture(verdict, key, runner)
+        assert runner.heatmap.items == 0  # no second forward pass
+        two_pass = heatmap_picture(dataclasses.replace(verdict, cams={}), key, runner)
+        assert runner.heatmap.items == 1
+    finally:
+        processor.close()
+    np.testing.assert_array_equal(single.display, two_pass.display)
+    np.testing.assert_allclose(single.heatmap, two_pass.heatmap, atol=1e-5)
+
+
+def test_four_studies_in_flight_fill_batches_and_bound_kept_images(
+    tmp_path: Path, tiny_models: list[LoadedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four one-image SR+SC studies in flight at once (the setting suggested with SC).
+
+    Their images share batches, and decoded images alive stay within the prepare threads
+    plus one kept per study in flight (not the number of studies queued).
+    """
+    worker = {"device": "cpu", "batch_latency_ms": 1000, "studies_in_flight": 4}
+    settings = make_settings(tmp_path, 1, worker=worker)
+    in_flight = settings.worker.studies_in_flight
+    dest = settings.destinations[0].model_copy(update={"outputs": ["SR", "SC"]})
+    settings = settings.model_copy(update={"destinations": [dest]})
+    counter = DecodedCounter()
+    monkeypatch.setattr(daemon.stages.reading, "read_image", counter.read_image)
+    claims = [_study(tmp_path / f"s{k}", 1, first_seed=10 * k) for k in range(in_flight)]
+    processor = StudyProcessor(
+        settings, sessionmaker(), Spool(tmp_path / "s"), Spool(tmp_path / "r"), tiny_models
+    )
+    kept: dict[int, int] = {}
+    start = threading.Barrier(in_flight)
+
+    def one(k: int) -> None:
+        plan = plan_study(claims[k], tiny_models, processor._rules, own_identity(tiny_models))
+        start.wait(timeout=30)
+        kept[k] = len(processor.classify(plan).kept)
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(in_flight)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        (runner,) = processor.runners.values()
+        assert runner.classify.items == in_flight and runner.classify.batches < in_flight
+    finally:
+        processor.close()
+    assert kept == dict.fromkeys(range(in_flight), 1)  # each keeps its image for its picture
+    assert counter.peak <= settings.worker.prepare_threads + in_flight, counter.peak

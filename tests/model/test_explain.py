@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.bundle import Bundle, build_network, save_bundle
+from model.bundle import Bundle, build_network, default_bundle_path, load_bundle, save_bundle
 from model.explain import Explanation, cam_to_source, grad_cam
 from model.infer import Classifier
 from model.pixels import PixelMeta
@@ -264,3 +264,41 @@ def test_to_display_refuses_bad_pixels(tmp_path: Path) -> None:
     bad = np.full((4, 4), np.nan)
     with pytest.raises(ValueError, match="NaN"):
         to_display(bad, PixelMeta())
+
+
+def _assert_single_pass_equals_two_pass(clf: Classifier, tensors: list[np.ndarray]) -> None:
+    plain = clf.classify_prepared(tensors)
+    single = clf.classify_with_cams(tensors)
+    two_pass = clf.heatmaps_prepared(tensors)
+    # the classify results are those of the path without maps, exactly
+    assert [(p.probability, p.positive, p.not_applicable) for p in single] == [
+        (p.probability, p.positive, p.not_applicable) for p in plain
+    ]
+    assert all(p.cam is None for p in plain)
+    for pred, (prob, cam) in zip(single, two_pass, strict=True):
+        assert pred.cam is not None and pred.cam.dtype == np.float32
+        assert pred.probability == pytest.approx(prob, abs=1e-6)
+        np.testing.assert_allclose(pred.cam, cam, rtol=1e-5, atol=1e-6 * float(cam.max() + 1))
+        assert float(cam.max()) > 0.0  # a real map is compared, not two zero arrays
+
+
+def test_single_pass_cams_equal_the_two_pass_grad_cam(blob_bundle: Bundle) -> None:
+    # 5 images, batch 2: several batches and a partial one
+    rng = np.random.default_rng(11)
+    clf = Classifier(blob_bundle, device=torch.device("cpu"), batch_size=2)
+    tensors = [
+        preprocess(_blob_image(rng, _random_centre(rng)), _blob_meta(), BLOB_SPEC) for _ in range(5)
+    ]
+    _assert_single_pass_equals_two_pass(clf, tensors)
+
+
+def test_single_pass_cams_with_the_default_bundle_and_its_gate() -> None:
+    bundle = load_bundle(default_bundle_path())
+    assert bundle.gate is not None  # the gate's verdicts come from the same pass
+    clf = Classifier(bundle, device=torch.device("cpu"), batch_size=4)
+    rng = np.random.default_rng(5)
+    meta = PixelMeta(window_center=2048.0, window_width=4096.0, bits_stored=12)
+    images = [rng.integers(0, 4096, (300, 260)).astype(np.uint16) for _ in range(3)]
+    images[1][100:200, 80:180] += 1500  # not all alike
+    tensors = [preprocess(img, meta, bundle.card.preprocess_spec) for img in images]
+    _assert_single_pass_equals_two_pass(clf, tensors)
