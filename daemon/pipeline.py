@@ -107,7 +107,7 @@ class StudyProcessor:
         )
         wants_sc = any("SC" in d.outputs for d in settings.destinations)
         self.runners = start_runners(models, config, with_cams=wants_sc)
-        self.preparer = Preparer(worker.prepare_threads)
+        self.preparer = Preparer(worker.prepare_threads, worker.prepare_processes)
         self._finisher = Finisher(settings, sessions, results, self.runners)
 
     def close(self) -> None:

@@ -206,6 +206,11 @@ class WorkerSettings(_Section):
     keeps its decoded image, and each renders its picture (about 10 bytes per pixel)."""
     prepare_threads: int = Field(1, ge=1, le=64)
     """Threads decoding and preprocessing images; also the bound on decoded images held."""
+    prepare_processes: int = Field(0, ge=0, le=64)
+    """When > 0, worker processes that decode and preprocess images instead of the threads
+    (except a one-image study's image whose heatmap picture is wanted). They take this work
+    off the serve process's interpreter lock; each holds one decoded image and its own
+    Python + torch (~300 MB). 0 = threads only."""
     max_pending_images: int = Field(64, ge=1, le=4096)
     """Preprocessed images waiting for the model; studies wait beyond it (backpressure)."""
     heatmaps: Literal["all", "positive"] = "all"

@@ -50,6 +50,10 @@ class UnreadableInstance(PermanentProcessingError):
         self.reason = reason
         self.what = what
 
+    def __reduce__(self) -> tuple[type[UnreadableInstance], tuple[ClaimedInstance, str, str]]:
+        """Pickle by the constructor's arguments (raised in a prepare process)."""
+        return (type(self), (self.instance, self.reason, self.what))
+
 
 def read_spooled(inst: ClaimedInstance, what: str, read: Callable[[Path], _T]) -> _T:
     """Read a spooled instance; a parse failure or a vanished file is permanent."""

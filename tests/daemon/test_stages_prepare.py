@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
+import os
+import signal
 import threading
 import weakref
 from datetime import UTC, datetime
@@ -22,7 +25,7 @@ from daemon.stages.finish import Finisher
 from daemon.stages.heatmap import heatmap_picture, key_image
 from daemon.stages.inputs import model_input
 from daemon.stages.plan import own_identity, plan_study
-from daemon.stages.prepare import Preparer, prepare_image
+from daemon.stages.prepare import PrepareProcessDied, Preparer, prepare_image
 from daemon.stages.reading import UnreadableInstance
 from daemon.stages.verdict import gate_key, judge
 from db.queue import ClaimedInstance, ClaimedStudy
@@ -125,15 +128,16 @@ def test_one_image_study_keeps_its_decoded_image_only_when_a_picture_is_wanted(
     assert list(classified.kept) == wanted
 
 
+@pytest.mark.parametrize("processes", [0, 2], ids=["threads", "processes"])
 def test_prepare_stream_keeps_order_and_raises_an_unreadable_image_at_its_turn(
-    tmp_path: Path, tiny_models: list[LoadedModel]
+    tmp_path: Path, tiny_models: list[LoadedModel], processes: int
 ) -> None:
     claim = _study(tmp_path, 6)
     rules = make_settings(tmp_path, 1).selection.to_rules()
     plan = plan_study(claim, tiny_models, rules, own_identity(tiny_models))
     Path(claim.instances[4].path).write_bytes(b"not dicom at all")  # lost after the plan
     jobs = [(sel, tiny_models) for sel in plan.models[0].chosen]
-    preparer = Preparer(threads=3)
+    preparer = Preparer(threads=3, processes=processes)
     seen: list[str] = []
     with pytest.raises(UnreadableInstance) as raised:
         for prepared in preparer.stream(jobs, keep=False):
@@ -141,6 +145,48 @@ def test_prepare_stream_keeps_order_and_raises_an_unreadable_image_at_its_turn(
     preparer.close()
     assert seen == [i.sop_instance_uid for i in claim.instances[:4]]
     assert raised.value.instance == claim.instances[4] and raised.value.what == "pixel data"
+
+
+def test_prepare_processes_give_the_threads_inputs_and_keep_pictures_local(
+    tmp_path: Path, tiny_models: list[LoadedModel]
+) -> None:
+    claim = _study(tmp_path, 3)
+    rules = make_settings(tmp_path, 1).selection.to_rules()
+    plan = plan_study(claim, tiny_models, rules, own_identity(tiny_models))
+    jobs = [(sel, tiny_models) for sel in plan.models[0].chosen]
+    threads, procs = Preparer(threads=1), Preparer(threads=1, processes=1)
+    try:
+        local = list(threads.stream(jobs, keep=False))
+        remote = list(procs.stream(jobs, keep=False))
+        kept = list(procs.stream(jobs[:1], keep=True))  # a picture needs the decoded image
+    finally:
+        threads.close()
+        procs.close()
+    name = tiny_models[0].bundle.card.name
+    for a, b in zip(local, remote, strict=True):
+        assert a.selected == b.selected and a.grayscale_notes == b.grayscale_notes
+        np.testing.assert_array_equal(a.inputs[name], b.inputs[name])
+    assert all(r.decoded is None for r in remote) and kept[0].decoded is not None
+
+
+def test_a_dead_prepare_process_is_a_transient_error_and_the_pool_restarts(
+    tmp_path: Path, tiny_models: list[LoadedModel]
+) -> None:
+    claim = _study(tmp_path, 2)
+    rules = make_settings(tmp_path, 1).selection.to_rules()
+    plan = plan_study(claim, tiny_models, rules, own_identity(tiny_models))
+    jobs = [(sel, tiny_models) for sel in plan.models[0].chosen]
+    preparer = Preparer(threads=1, processes=1)
+    try:
+        for child in multiprocessing.active_children():  # e.g. killed for memory
+            os.kill(child.pid or 0, signal.SIGKILL)
+            child.join(10)
+        with pytest.raises(PrepareProcessDied) as raised:
+            list(preparer.stream(jobs, keep=False))
+        assert isinstance(raised.value, daemon.stages.reading.TRANSIENT_ERRORS)  # retried
+        assert len(list(preparer.stream(jobs, keep=False))) == 2  # a fresh pool
+    finally:
+        preparer.close()
 
 
 def test_prepare_image_drops_the_decoded_image_unless_kept(
