@@ -116,6 +116,25 @@ def _reopens_study(instance: ReceivedInstance) -> bool:
         return True  # the worker reads it again and records why it cannot
 
 
+def new_instance(instance: ReceivedInstance, stored_path: str) -> NewInstance:
+    """Return the row to commit for a received instance stored at ``stored_path``."""
+    return NewInstance(
+        sop_instance_uid=instance.sop_instance_uid,
+        sop_class_uid=instance.sop_class_uid,
+        study_instance_uid=instance.study_instance_uid,
+        series_instance_uid=instance.series_instance_uid,
+        modality=instance.modality,
+        patient_id=instance.patient_id,
+        calling_ae=instance.calling_ae,
+        peer_host=instance.peer_host,
+        path=stored_path,
+        size_bytes=instance.size_bytes,
+        transfer_syntax_uid=instance.transfer_syntax_uid,
+        reopens_study=_reopens_study(instance),
+        differs_from_spooled=instance.differs_from_spooled,
+    )
+
+
 class DatabaseSink:
     """Implements :class:`dicom_io.scp.InstanceSink` on the radflag database.
 
@@ -159,21 +178,7 @@ class DatabaseSink:
             When the database cannot commit (the listener answers 0xA700, PS3.4 B.2.3).
         """
         set_thread_role("listener")  # called in pynetdicom's association threads
-        item = NewInstance(
-            sop_instance_uid=instance.sop_instance_uid,
-            sop_class_uid=instance.sop_class_uid,
-            study_instance_uid=instance.study_instance_uid,
-            series_instance_uid=instance.series_instance_uid,
-            modality=instance.modality,
-            patient_id=instance.patient_id,
-            calling_ae=instance.calling_ae,
-            peer_host=instance.peer_host,
-            path=self._stored_path(instance.path),
-            size_bytes=instance.size_bytes,
-            transfer_syntax_uid=instance.transfer_syntax_uid,
-            reopens_study=_reopens_study(instance),
-            differs_from_spooled=instance.differs_from_spooled,
-        )
+        item = new_instance(instance, self._stored_path(instance.path))
         try:
             is_new = record_instance(self._sessions, item, self._policy)
         except SQLAlchemyError as exc:

@@ -20,8 +20,9 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.readiness import ArmingSink, DeadlinePolicy, ReadinessTimer, ReadyQuietStudies
+from daemon.sink import new_instance
 from db.engine import make_engine, make_session_factory
-from db.ingest import NewInstance, PatientIdPolicy, record_instance
+from db.ingest import PatientIdPolicy, record_instance
 from db.locks import advisory_key
 from db.models import Study
 from db.schema import ensure_schema
@@ -167,19 +168,7 @@ class RecordingSink:
         self._sessions = sessions
 
     def store(self, instance: ReceivedInstance) -> bool:
-        item = NewInstance(
-            sop_instance_uid=instance.sop_instance_uid,
-            sop_class_uid=instance.sop_class_uid,
-            study_instance_uid=instance.study_instance_uid,
-            series_instance_uid=instance.series_instance_uid,
-            modality=instance.modality,
-            patient_id=instance.patient_id,
-            calling_ae=instance.calling_ae,
-            peer_host=instance.peer_host,
-            path=str(instance.path),
-            size_bytes=instance.size_bytes,
-            transfer_syntax_uid=instance.transfer_syntax_uid,
-        )
+        item = new_instance(instance, str(instance.path))
         return record_instance(self._sessions, item, PatientIdPolicy(key=b"test"))
 
 

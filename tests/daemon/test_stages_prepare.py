@@ -24,7 +24,7 @@ from daemon.pipeline import StudyProcessor
 from daemon.stages.finish import Finisher
 from daemon.stages.heatmap import heatmap_picture, key_image
 from daemon.stages.inputs import model_input
-from daemon.stages.plan import own_identity, plan_study
+from daemon.stages.plan import Selected, own_identity, plan_study
 from daemon.stages.prepare import PrepareProcessDied, Preparer, prepare_image
 from daemon.stages.reading import UnreadableInstance
 from daemon.stages.verdict import gate_key, judge
@@ -49,6 +49,15 @@ def _study(tmp_path: Path, n: int, first_seed: int = 0, **dx: Any) -> ClaimedStu
             ClaimedInstance(i, str(ds.SOPInstanceUID), str(ds.SOPClassUID), "DX", str(path))
         )
     return ClaimedStudy(1, study_uid, "test", datetime.now(UTC), 1, None, tuple(instances))
+
+
+def _jobs(
+    tmp_path: Path, claim: ClaimedStudy, models: list[LoadedModel]
+) -> list[tuple[Selected, list[LoadedModel]]]:
+    """The prepare jobs of ``claim``'s images as planned for the first model."""
+    rules = make_settings(tmp_path, 1).selection.to_rules()
+    plan = plan_study(claim, models, rules, own_identity(models))
+    return [(sel, models) for sel in plan.models[0].chosen]
 
 
 def _processor(tmp_path: Path, models: list[LoadedModel], **worker: Any) -> StudyProcessor:
@@ -151,9 +160,7 @@ def test_prepare_processes_give_the_threads_inputs_and_keep_pictures_local(
     tmp_path: Path, tiny_models: list[LoadedModel]
 ) -> None:
     claim = _study(tmp_path, 3)
-    rules = make_settings(tmp_path, 1).selection.to_rules()
-    plan = plan_study(claim, tiny_models, rules, own_identity(tiny_models))
-    jobs = [(sel, tiny_models) for sel in plan.models[0].chosen]
+    jobs = _jobs(tmp_path, claim, tiny_models)
     threads, procs = Preparer(threads=1), Preparer(threads=1, processes=1)
     try:
         local = list(threads.stream(jobs, keep=False))
@@ -173,9 +180,7 @@ def test_a_dead_prepare_process_is_a_transient_error_and_the_pool_restarts(
     tmp_path: Path, tiny_models: list[LoadedModel]
 ) -> None:
     claim = _study(tmp_path, 2)
-    rules = make_settings(tmp_path, 1).selection.to_rules()
-    plan = plan_study(claim, tiny_models, rules, own_identity(tiny_models))
-    jobs = [(sel, tiny_models) for sel in plan.models[0].chosen]
+    jobs = _jobs(tmp_path, claim, tiny_models)
     preparer = Preparer(threads=1, processes=1)
     try:
         for child in multiprocessing.active_children():  # e.g. killed for memory
