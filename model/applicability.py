@@ -348,5 +348,17 @@ def logits_and_features(
         raise ValueError(f"{type(net).__name__} does not expose timm forward_features/head")
     pooled = forward_head(forward_features(batch), pre_logits=True)
     logits = net.get_classifier()(pooled)  # type: ignore[operator]
-    rows = torch.cat([pooled.reshape(pooled.shape[0], -1).float(), layout_rows(batch)], dim=1)
-    return logits.reshape(-1), rows
+    return logits.reshape(-1), gate_rows(pooled, batch)
+
+
+def gate_rows(pooled: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Return the gate's rows (N, D + 64): pooled features, then :func:`layout_rows` of ``batch``.
+
+    Parameters
+    ----------
+    pooled
+        (N, D) pooled penultimate features of the network for ``batch``.
+    batch
+        (N, C, S, S) model inputs.
+    """
+    return torch.cat([pooled.reshape(pooled.shape[0], -1).float(), layout_rows(batch)], dim=1)

@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from model.applicability import layout_rows, logits_and_features
+from model.applicability import gate_rows, logits_and_features
 from model.bundle import Aggregation, Bundle
 from model.explain import Explanation, cam_to_source, grad_cam, head_cams
 from model.pixels import PixelMeta
@@ -260,10 +260,7 @@ class Classifier:
         with torch.no_grad(), torch.autocast(device_type=self.device.type, enabled=use_cuda):
             features = self._net.forward_features(batch)  # type: ignore[operator]
             logits, pooled, cams = head_cams(self._net, features)
-            rows = None
-            if with_gate and self.gate is not None:
-                flat = pooled.reshape(pooled.shape[0], -1).float()
-                rows = torch.cat([flat, layout_rows(batch)], dim=1)
+            rows = gate_rows(pooled, batch) if with_gate and self.gate is not None else None
         maps = cams.cpu().numpy().astype(np.float32)
         return logits, rows, list(maps)
 
