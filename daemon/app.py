@@ -439,7 +439,6 @@ class Radflag:
         every(self.beat, self.settings.worker.heartbeat_interval_s, "heartbeat")
         if "scheduler" in self.roles:
             every(self.complete_studies, self.settings.completion.check_interval_s, "complete")
-        if "scheduler" in self.roles:
             every(self.sweep_temp_files, TEMP_FILE_MAX_AGE_S, "sweep_temp", next_run_time=utcnow())
         if "scheduler" in self.roles and self.settings.retention.enabled:
             every(

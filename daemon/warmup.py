@@ -14,19 +14,17 @@ import logging
 import time
 
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import DigitalXRayImageStorageForPresentation, generate_uid
 
 from dicom_io.sr import AlgorithmInfo, FindingResult, build_sr, result_uids
 
 log = logging.getLogger(__name__)
 
-_DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-
 
 def _synthetic_source() -> Dataset:
     """Return a 1x1 DX header: what highdicom needs of an analysed image (no Pixel Data)."""
     ds = Dataset()
-    ds.SOPClassUID = _DX_FOR_PRESENTATION
+    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
     ds.SOPInstanceUID = generate_uid()
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
