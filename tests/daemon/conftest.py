@@ -21,10 +21,12 @@ from pynetdicom.sop_class import (
     ComprehensiveSRStorage,
     SecondaryCaptureImageStorage,
 )
+from sqlalchemy.orm import Session
 
 from daemon.app import Radflag
 from daemon.models import LoadedModel
 from daemon.settings import Settings
+from db.models import Delivery, Study, utcnow
 from model.bundle import ModelCard, build_network, load_bundle, save_bundle
 from model.infer import Classifier
 from model.preprocess import PreprocessSpec
@@ -209,3 +211,44 @@ def wait_until(
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+@dataclass(frozen=True)
+class DueEntry:
+    """One outbox entry due now, of a DELIVERING study of its own (to destination ``pacs``)."""
+
+    study_uid: str
+    sop_instance_uid: str
+    payload_path: str
+    port: int
+    kind: str = "SR"
+
+
+def add_due_entry(session: Session, entry: DueEntry) -> None:
+    """Add ``entry``'s study and its PENDING outbox row to ``session``."""
+    now = utcnow()
+    study = Study(
+        study_instance_uid=entry.study_uid,
+        state="DELIVERING",
+        first_received_at=now,
+        last_received_at=now,
+        updated_at=now,
+    )
+    session.add(study)
+    session.flush()
+    session.add(
+        Delivery(
+            study_id=study.id,
+            destination="pacs",
+            ae_title="PACS",
+            host="127.0.0.1",
+            port=entry.port,
+            kind=entry.kind,
+            sop_instance_uid=entry.sop_instance_uid,
+            payload_path=entry.payload_path,
+            state="PENDING",
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+        )
+    )

@@ -33,11 +33,18 @@ from daemon.cli import main as radflag_main
 from daemon.delivery import Sender
 from daemon.settings import DeliverySettings
 from db.engine import make_engine, make_session_factory
-from db.models import Delivery, DeliveryAttempt, Study, utcnow
+from db.models import Delivery, DeliveryAttempt, Study
 from db.outbox import claim_due
 from db.schema import ensure_schema
 from dicom_io.spool import Spool
-from tests.daemon.conftest import dcmsend, make_settings, storage_scp, wait_until
+from tests.daemon.conftest import (
+    DueEntry,
+    add_due_entry,
+    dcmsend,
+    make_settings,
+    storage_scp,
+    wait_until,
+)
 from tests.dicom_io.conftest import make_dx, save
 
 pytestmark = pytest.mark.dcmtk
@@ -124,7 +131,6 @@ def _outbox_with_entries(db_url: str, results: Spool, n: int, port: int) -> list
     ensure_schema(engine)
     sessions = make_session_factory(engine)
     uids: list[str] = []
-    now = utcnow()
     with sessions.begin() as s:
         for i in range(n):
             ds = make_dx(seed=100 + i)
@@ -132,32 +138,10 @@ def _outbox_with_entries(db_url: str, results: Spool, n: int, port: int) -> list
                 str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
             )
             results.write(ds, ds.file_meta, path)
-            study = Study(
-                study_instance_uid=str(ds.StudyInstanceUID),
-                state="DELIVERING",
-                first_received_at=now,
-                last_received_at=now,
-                updated_at=now,
-            )
-            s.add(study)
-            s.flush()
-            s.add(
-                Delivery(
-                    study_id=study.id,
-                    destination="pacs",
-                    ae_title="PACS",
-                    host="127.0.0.1",
-                    port=port,
-                    kind="SC",
-                    sop_instance_uid=str(ds.SOPInstanceUID),
-                    payload_path=str(path),
-                    state="PENDING",
-                    attempts=0,
-                    next_attempt_at=now,
-                    created_at=now,
-                )
-            )
-            uids.append(str(ds.SOPInstanceUID))
+            sop_uid = str(ds.SOPInstanceUID)
+            entry = DueEntry(str(ds.StudyInstanceUID), sop_uid, str(path), port, kind="SC")
+            add_due_entry(s, entry)
+            uids.append(sop_uid)
     engine.dispose()
     return uids
 

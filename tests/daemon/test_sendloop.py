@@ -22,11 +22,11 @@ from daemon.delivery import Sender
 from daemon.sendloop import KickAfter, RoundLoop
 from daemon.settings import DeliverySettings
 from db.engine import make_engine, make_session_factory
-from db.models import Delivery, Study, utcnow
+from db.models import utcnow
 from db.queue import ClaimedStudy
 from db.schema import ensure_schema
 from dicom_io.spool import Spool
-from tests.daemon.conftest import dcmsend, make_settings, storage_scp
+from tests.daemon.conftest import DueEntry, add_due_entry, dcmsend, make_settings, storage_scp
 from tests.dicom_io.conftest import make_dx, save
 
 HOUR_S = 3600.0
@@ -130,33 +130,8 @@ def _one_due_entry(tmp_path: Path) -> Sender:
     engine = make_engine(f"sqlite:///{tmp_path / 'radflag.db'}")
     ensure_schema(engine)
     sessions = make_session_factory(engine)
-    now = utcnow()
     with sessions.begin() as s:
-        study = Study(
-            study_instance_uid="1.2.3",
-            state="DELIVERING",
-            first_received_at=now,
-            last_received_at=now,
-            updated_at=now,
-        )
-        s.add(study)
-        s.flush()
-        s.add(
-            Delivery(
-                study_id=study.id,
-                destination="pacs",
-                ae_title="PACS",
-                host="127.0.0.1",
-                port=9,
-                kind="SR",
-                sop_instance_uid="1.2.3.4",
-                payload_path="missing.dcm",
-                state="PENDING",
-                attempts=0,
-                next_attempt_at=now,
-                created_at=now,
-            )
-        )
+        add_due_entry(s, DueEntry("1.2.3", "1.2.3.4", "missing.dcm", port=9))
     return Sender(sessions, DeliverySettings(), Spool(tmp_path / "results"), owner="s1")
 
 
