@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from pathlib import Path
 
 import pytest
@@ -151,14 +151,6 @@ def test_timer_thread_settles_each_study_once_at_its_own_deadline() -> None:
 
 
 # -- the real completion step, on SQLite and PostgreSQL --------------------------------------
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    ensure_schema(eng)
-    yield eng
-    eng.dispose()
 
 
 class RecordingSink:

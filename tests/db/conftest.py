@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -12,17 +11,8 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.audit import AuditEventType, audit
-from db.engine import make_engine, make_session_factory
+from db.engine import make_session_factory
 from db.models import Delivery, DeliveryAttempt, Instance, Result, Study
-from db.schema import ensure_schema
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    ensure_schema(eng)
-    yield eng
-    eng.dispose()
 
 
 @pytest.fixture
